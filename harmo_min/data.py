@@ -1,0 +1,307 @@
+"""Examples, the validated JSONL loader, built-in synthetic visual tasks, and prompt building.
+
+An `Example` is one prompt of a GRPO batch:
+
+    Example(id="count-3", problem="How many circles are in the image?", images=[<PIL.Image>], answer="3")
+
+* `task` is "verifiable" (has a gold `answer`; the rule verifier scores it) or "open" (no gold; the reward model
+  scores it). It is inferred from `answer` when absent.
+* `constraints` are instruction-adherence checks (`{"kind": "max_words", "value": 30}`, see rewards.py).
+* `messages` (chat turns) may replace `problem`; images are then the `{"type": "image"}` parts, in order.
+
+JSONL records use the same field names; `images` holds paths relative to the file (or absolute). Every record is
+validated before training starts: a bad record raises `DataError("file.jsonl:12: field 'answer': ...")`.
+
+Synthetic tasks are drawn with PIL and are deterministic for a seed: counting shapes, reading a number, adding two
+numbers, multiple-choice colour, the colour of one shape (the tiny config's RL task), and open-ended descriptions
+(with a `reference` listing what was drawn, for the synthetic reward-model pairs).
+
+Prompts are built with the processor's chat template and encoded **once** into left-padded tensors that both the
+sampler and the training forward reuse. Left out: video, multi-turn rollouts, dataset streaming.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Literal
+
+from PIL import Image, ImageDraw
+
+ImageLike = str | Image.Image
+
+# The instruction appended to each prompt, by answer format (a config key). "bare" asks for the answer alone:
+# the tiny config uses it so a randomly initialised model can reach the answer tokens by sampling.
+FORMAT_INSTRUCTIONS = {
+    "think_answer": "Think step by step inside <think> </think>, then give the final answer inside <answer> </answer>.",
+    "boxed": "Reason step by step, then put the final answer in \\boxed{}.",
+    "bare": "Reply with the answer only.",
+}
+
+COLOURS = {"red": (220, 30, 30), "green": (30, 170, 60), "blue": (30, 60, 220), "yellow": (235, 200, 20)}
+SHAPES = ("circle", "square", "triangle")
+TASK_KINDS = ("count", "digits", "arithmetic", "choice", "colour", "describe")
+
+# Words the synthetic prompts and answers use; the tiny tokenizer is trained on them (model.py).
+TASK_VOCABULARY = (
+    [f"How many {s}s are in the image?" for s in SHAPES]
+    + ["What number is written in the image?", "What is the sum of the two numbers in the image?",
+       "What colour is the shape?", "What colour is the shape in the image? Options:", "Describe the image.",
+       "Answer in at most 20 words.", "Answer with the option letter.", "The image shows a", "and a", "on white.",
+       "Reply with the answer only.", "(A) (B) (C) (D) A B C D", "The answer is", "\\boxed{}"]
+    + list(FORMAT_INSTRUCTIONS.values())
+    + [f"{c} {s}" for c in COLOURS for s in SHAPES] + [f"{c}" for c in COLOURS] + [f"{s}s" for s in SHAPES]
+)
+
+
+class DataError(ValueError):
+    """A malformed example or record; the message names the file, line and field."""
+
+
+@dataclass
+class Example:
+    id: str
+    problem: str | None = None
+    messages: list[dict[str, Any]] | None = None
+    images: list[ImageLike] = field(default_factory=list)
+    answer: str | None = None
+    choices: list[str] | None = None
+    task: Literal["verifiable", "open"] | None = None
+    constraints: list[dict[str, Any]] = field(default_factory=list)
+    reference: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.task is None:
+            self.task = "verifiable" if self.answer is not None else "open"
+        if (self.problem is None) == (self.messages is None):
+            raise DataError(f"example {self.id!r}: give exactly one of 'problem' or 'messages'")
+        if self.task == "verifiable" and self.answer is None:
+            raise DataError(f"example {self.id!r}: field 'answer': a verifiable example needs a gold answer")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# JSONL loading with validation
+# ---------------------------------------------------------------------------------------------------------------
+
+_FIELD_TYPES: dict[str, tuple[type, ...]] = {
+    "id": (str, int), "problem": (str,), "messages": (list,), "images": (list,), "answer": (str, int, float),
+    "choices": (list,), "task": (str,), "constraints": (list,), "reference": (str,),
+}
+
+
+def load_jsonl(path: str | os.PathLike, *, check_images: bool = True) -> list[Example]:
+    """Read and validate every record of a JSONL file; raise `DataError` naming `file:line: field` on the first bad one."""
+    from harmo_min.rewards import validate_constraint
+
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such file")
+    examples, seen = [], set()
+    with path.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            where = f"{path}:{lineno}"
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise DataError(f"{where}: not valid JSON ({err.msg} at column {err.colno})") from None
+            if not isinstance(record, dict):
+                raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
+            examples.append(_parse_record(record, where, path.parent, check_images, validate_constraint))
+            if examples[-1].id in seen:
+                raise DataError(f"{where}: field 'id': duplicate id {examples[-1].id!r}")
+            seen.add(examples[-1].id)
+    if not examples:
+        raise DataError(f"{path}: no records")
+    return examples
+
+
+def _parse_record(record: dict, where: str, root: Path, check_images: bool, validate_constraint) -> Example:
+    unknown = set(record) - set(_FIELD_TYPES)
+    if unknown:
+        raise DataError(f"{where}: unknown field(s) {sorted(unknown)}; expected some of {sorted(_FIELD_TYPES)}")
+    if "id" not in record:
+        raise DataError(f"{where}: field 'id': missing")
+    for key, value in record.items():
+        if value is not None and not isinstance(value, _FIELD_TYPES[key]) or isinstance(value, bool):
+            names = "/".join(t.__name__ for t in _FIELD_TYPES[key])
+            raise DataError(f"{where}: field '{key}': expected {names}, got {type(value).__name__}")
+    if ("problem" in record) == ("messages" in record):
+        raise DataError(f"{where}: field 'problem': give exactly one of 'problem' or 'messages'")
+    if record.get("task") not in (None, "verifiable", "open"):
+        raise DataError(f"{where}: field 'task': must be 'verifiable' or 'open', got {record['task']!r}")
+    if record.get("task") == "verifiable" and record.get("answer") is None:
+        raise DataError(f"{where}: field 'answer': missing, but task is 'verifiable'")
+    for i, message in enumerate(record.get("messages") or []):
+        if not isinstance(message, dict) or message.get("role") not in ("system", "user", "assistant"):
+            raise DataError(f"{where}: field 'messages[{i}]': expected {{'role': system|user|assistant, 'content': ...}}")
+    for i, choice in enumerate(record.get("choices") or []):
+        if not isinstance(choice, str):
+            raise DataError(f"{where}: field 'choices[{i}]': expected str, got {type(choice).__name__}")
+    for i, constraint in enumerate(record.get("constraints") or []):
+        try:
+            validate_constraint(constraint)
+        except ValueError as err:
+            raise DataError(f"{where}: field 'constraints[{i}]': {err}") from None
+    images = []
+    for i, item in enumerate(record.get("images") or []):
+        if not isinstance(item, str):
+            raise DataError(f"{where}: field 'images[{i}]': expected a path string, got {type(item).__name__}")
+        image_path = Path(item) if os.path.isabs(item) else root / item
+        if check_images:
+            try:
+                with Image.open(image_path) as im:
+                    im.verify()  # reads the whole file: a truncated or corrupt image fails here, not mid-training
+            except FileNotFoundError:
+                raise DataError(f"{where}: field 'images[{i}]': no such file {image_path}") from None
+            except Exception as err:  # PIL raises many types for corrupt data; all mean "unreadable"
+                raise DataError(f"{where}: field 'images[{i}]': unreadable image {image_path} ({err})") from None
+        images.append(str(image_path))
+    n_placeholders = sum(
+        1 for m in record.get("messages") or [] if isinstance(m.get("content"), list)
+        for part in m["content"] if isinstance(part, dict) and part.get("type") == "image"
+    )
+    if record.get("messages") is not None and n_placeholders != len(images):
+        raise DataError(f"{where}: field 'images': {len(images)} image(s) but {n_placeholders} image part(s) in messages")
+    answer = record.get("answer")
+    return Example(
+        id=str(record["id"]), problem=record.get("problem"), messages=record.get("messages"), images=images,
+        answer=None if answer is None else str(answer), choices=record.get("choices"), task=record.get("task"),
+        constraints=record.get("constraints") or [], reference=record.get("reference"),
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Synthetic visual tasks
+# ---------------------------------------------------------------------------------------------------------------
+
+def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, box: tuple[int, int, int, int], colour) -> None:
+    x0, y0, x1, y1 = box
+    if shape == "circle":
+        draw.ellipse(box, fill=colour)
+    elif shape == "square":
+        draw.rectangle(box, fill=colour)
+    else:
+        draw.polygon([((x0 + x1) // 2, y0), (x1, y1), (x0, y1)], fill=colour)
+
+
+def _scatter(rng: random.Random, n: int, size: int, cell: int) -> list[tuple[int, int, int, int]]:
+    # Non-overlapping cells of a grid, so every shape stays countable.
+    per_row = size // cell
+    cells = rng.sample(range(per_row * per_row), n)
+    pad = cell // 6
+    return [((c % per_row) * cell + pad, (c // per_row) * cell + pad,
+             (c % per_row + 1) * cell - pad, (c // per_row + 1) * cell - pad) for c in cells]
+
+
+def _canvas(size: int) -> tuple[Image.Image, ImageDraw.ImageDraw]:
+    image = Image.new("RGB", (size, size), (255, 255, 255))
+    return image, ImageDraw.Draw(image)
+
+
+def make_example(kind: str, rng: random.Random, index: int, *, size: int = 112) -> Example:
+    """One synthetic example of `kind` (one of TASK_KINDS), drawn from `rng`."""
+    uid = f"{kind}-{index}"
+    if kind == "count":
+        shape, n = rng.choice(SHAPES), rng.randint(1, 5)
+        image, draw = _canvas(size)
+        for box in _scatter(rng, n, size, size // 3):
+            _draw_shape(draw, shape, box, rng.choice(list(COLOURS.values())))
+        return Example(uid, problem=f"How many {shape}s are in the image?", images=[image], answer=str(n))
+    if kind in ("digits", "arithmetic"):
+        a, b = rng.randint(0, 9), rng.randint(0, 9)
+        image, draw = _canvas(size)
+        text = f"{a}" if kind == "digits" else f"{a}  {b}"
+        draw.text((size // 4, size // 3), text, fill=(0, 0, 0), font_size=size // 3)
+        if kind == "digits":
+            return Example(uid, problem="What number is written in the image?", images=[image], answer=str(a))
+        return Example(uid, problem="What is the sum of the two numbers in the image?", images=[image], answer=str(a + b))
+    if kind in ("choice", "colour"):
+        colour, shape = rng.choice(list(COLOURS)), rng.choice(SHAPES)
+        image, draw = _canvas(size)
+        _draw_shape(draw, shape, (size // 8, size // 8, size - size // 8, size - size // 8), COLOURS[colour])
+        if kind == "colour":
+            return Example(uid, problem="What colour is the shape?", images=[image], answer=colour)
+        options = list(COLOURS)
+        rng.shuffle(options)
+        letters = "ABCD"
+        listed = " ".join(f"({letters[i]}) {o}" for i, o in enumerate(options))
+        return Example(
+            uid, problem=f"What colour is the shape in the image? Options: {listed}", images=[image],
+            answer=letters[options.index(colour)], choices=options,
+            constraints=[{"kind": "answer_is_choice_letter"}],
+        )
+    if kind == "describe":
+        n = rng.randint(1, 3)
+        image, draw = _canvas(size)
+        drawn = []
+        for box in _scatter(rng, n, size, size // 2):
+            colour, shape = rng.choice(list(COLOURS)), rng.choice(SHAPES)
+            _draw_shape(draw, shape, box, COLOURS[colour])
+            drawn.append(f"a {colour} {shape}")
+        reference = "The image shows " + " and ".join(drawn) + " on white."
+        return Example(uid, problem="Describe the image.", images=[image], reference=reference,
+                       constraints=[{"kind": "max_words", "value": 20}])
+    raise ValueError(f"unknown synthetic task kind {kind!r}; expected one of {TASK_KINDS}")
+
+
+def synthetic_examples(n: int, *, seed: int = 0, kinds: tuple[str, ...] = TASK_KINDS, size: int = 112) -> list[Example]:
+    """`n` synthetic examples cycling through `kinds`; the same seed gives the same examples and pixels."""
+    unknown = [k for k in kinds if k not in TASK_KINDS]
+    if unknown:
+        raise ValueError(f"data.kinds: unknown synthetic task kind(s) {unknown}; expected some of {list(TASK_KINDS)}")
+    rng = random.Random(seed)
+    return [make_example(kinds[i % len(kinds)], rng, i, size=size) for i in range(n)]
+
+
+def iterate_batches(examples: list[Example], batch_size: int, *, seed: int, start: int = 0) -> Iterator[list[Example]]:
+    """Endless shuffled batches; epoch e uses permutation seed+e, so position `start` (in batches) can be resumed."""
+    per_epoch = len(examples) // batch_size
+    if per_epoch == 0:
+        raise ValueError(f"data: {len(examples)} examples cannot fill one batch of {batch_size}")
+    position = start
+    while True:
+        epoch, offset = divmod(position, per_epoch)
+        order = list(range(len(examples)))
+        random.Random(seed + epoch).shuffle(order)
+        yield [examples[i] for i in order[offset * batch_size:(offset + 1) * batch_size]]
+        position += 1
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Prompt building
+# ---------------------------------------------------------------------------------------------------------------
+
+def build_messages(example: Example, answer_format: str = "think_answer") -> list[dict[str, Any]]:
+    """Chat turns for `example`, the answer-format instruction appended to the last user turn."""
+    if answer_format not in FORMAT_INSTRUCTIONS:
+        raise ValueError(f"answer_format: unknown {answer_format!r}; expected one of {list(FORMAT_INSTRUCTIONS)}")
+    instruction = FORMAT_INSTRUCTIONS[answer_format]
+    if example.messages is not None:
+        messages = [dict(m) for m in example.messages]
+        last = messages[-1]
+        if isinstance(last["content"], str):
+            last["content"] = f"{last['content']} {instruction}"
+        else:
+            last["content"] = list(last["content"]) + [{"type": "text", "text": f" {instruction}"}]
+        return messages
+    content = [{"type": "image"} for _ in example.images]
+    content.append({"type": "text", "text": f"{example.problem} {instruction}"})
+    return [{"role": "user", "content": content}]
+
+
+def load_images(example: Example) -> list[Image.Image]:
+    return [im if isinstance(im, Image.Image) else Image.open(im).convert("RGB") for im in example.images]
+
+
+def encode_prompts(processor, examples: list[Example], answer_format: str = "think_answer"):
+    """One left-padded batch: input_ids, attention_mask, mm_token_type_ids, and pixel_values/image_grid_thw if any."""
+    texts = [processor.apply_chat_template(build_messages(ex, answer_format), add_generation_prompt=True, tokenize=False)
+             for ex in examples]
+    images = [im for ex in examples for im in load_images(ex)]
+    processor.tokenizer.padding_side = "left"  # the sampler appends new tokens on the right of every row
+    return processor(text=texts, images=images or None, padding=True, return_tensors="pt")

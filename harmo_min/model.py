@@ -1,0 +1,218 @@
+"""Policy, reference and processor loading; the tiny random Qwen2.5-VL used by tests and the CPU default.
+
+Two ways to get a `(model, processor)` pair:
+
+* `load_policy(path)`: a real Qwen2.5-VL checkpoint (3B / 7B Instruct, or a folder this project exported) from a
+  local folder, or a hub id already in the local Hugging Face cache. Nothing is downloaded: the machines this
+  project targets are often offline, so a missing checkpoint is an error that says so, not a silent fetch.
+* `build_tiny(seed)`: a 2-layer, 64-wide Qwen2.5-VL with random weights and an offline byte-level BPE tokenizer
+  trained in-process on the synthetic tasks' vocabulary. It is the real `Qwen2_5_VLForConditionalGeneration`
+  class (same vision tower, same M-RoPE), so every code path (sampler, log-probs, FSDP2, export) is the one a 3B
+  run takes, only smaller. Deterministic for a seed; `save_pretrained` + `load_policy` round-trips it.
+
+The processor is image-only (`ImageProcessor`): transformers 5.23's `Qwen2_5_VLProcessor` insists on a video
+processor, whose implementation needs torchvision, which this project never installs (its CUDA-linked wheel breaks
+`import transformers`' Qwen2.5-VL on CPU machines). Images go through the pure-PIL `Qwen2VLImageProcessorPil`.
+
+Left out: video inputs, quantised loading, LoRA.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from transformers import (
+    AutoTokenizer,
+    GenerationConfig,
+    Qwen2_5_VLConfig,
+    Qwen2_5_VLForConditionalGeneration,
+    Qwen2_5_VLProcessor,
+    Qwen2Tokenizer,
+)
+from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+# Qwen's special tokens, in Qwen's order: with them in this order a tiny tokenizer has the same *relative*
+# layout as the real one, and the model config's special ids are simply "base + offset".
+QWEN_SPECIAL_TOKENS = [
+    "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
+    "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>", "<|vision_end|>",
+    "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>",
+]
+# Reasoning/answer tags are single ordinary (non-special) tokens in the tiny vocabulary so a 2-layer model can
+# learn the format by RL in minutes; decoding keeps them (they are not skipped as special tokens).
+TAG_TOKENS = ["<think>", "</think>", "<answer>", "</answer>"]
+
+# ChatML with Qwen2-VL's image placeholder; a system turn is added when the conversation has none, as Qwen does.
+CHAT_TEMPLATE = (
+    "{% if messages[0]['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for part in message['content'] %}"
+    "{% if part['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+# The tiny model sees small images: 112 px -> 8x8 patches of 14 px -> 16 tokens after the 2x2 merge.
+TINY_MIN_PIXELS = 56 * 56
+TINY_MAX_PIXELS = 112 * 112
+
+
+class ImageProcessor(Qwen2_5_VLProcessor):
+    """`Qwen2_5_VLProcessor` without a video processor (no torchvision); images via the pure-PIL processor."""
+
+    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
+        super().__init__(image_processor=image_processor, tokenizer=tokenizer, chat_template=chat_template, **kwargs)
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, **kwargs) -> "ImageProcessor":
+        # AutoProcessor would return the tokenizer alone for this class, and AutoImageProcessor may pick the
+        # torchvision-backed processor: load both halves explicitly.
+        tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
+        image_processor = Qwen2VLImageProcessorPil.from_pretrained(path, **kwargs)
+        template = getattr(tokenizer, "chat_template", None) or CHAT_TEMPLATE
+        return cls(image_processor=image_processor, tokenizer=tokenizer, chat_template=template)
+
+
+def _tiny_corpus() -> list[str]:
+    # Everything the synthetic tasks and the answer format say, so the BPE learns whole words for them.
+    from harmo_min.data import TASK_VOCABULARY
+
+    lines = list(TASK_VOCABULARY)
+    lines += [" ".join(str(i) for i in range(100)), "You are a helpful assistant.", "system user assistant"]
+    return lines
+
+
+def build_tiny_tokenizer(vocab_size: int = 600) -> Qwen2Tokenizer:
+    """A byte-level BPE with Qwen's pre-tokenizer, trained in-process (no hub), plus Qwen's special tokens."""
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers, trainers
+    from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
+
+    bpe = Tokenizer(models.BPE())
+    # Same split as Qwen2Tokenizer applies at encode time, so the learned merges are the ones it will use.
+    bpe.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
+    )
+    bpe.train_from_iterator(_tiny_corpus(), trainer=trainer)
+    state = bpe.model.__getstate__()
+    import json
+
+    model_json = json.loads(state)
+    vocab = model_json["vocab"]
+    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model_json["merges"]]
+    tok = Qwen2Tokenizer(vocab=vocab, merges=merges, unk_token=None)
+    tok.add_special_tokens({"additional_special_tokens": QWEN_SPECIAL_TOKENS})
+    # Set after the specials are added in order: passed to the constructor, <|im_end|> would be added first.
+    tok.eos_token, tok.pad_token = "<|im_end|>", "<|endoftext|>"
+    tok.add_tokens(TAG_TOKENS)
+    tok.chat_template = CHAT_TEMPLATE
+    tok.padding_side = "left"
+    return tok
+
+
+def build_tiny_processor() -> ImageProcessor:
+    tokenizer = build_tiny_tokenizer()
+    image_processor = Qwen2VLImageProcessorPil(min_pixels=TINY_MIN_PIXELS, max_pixels=TINY_MAX_PIXELS)
+    return ImageProcessor(image_processor=image_processor, tokenizer=tokenizer, chat_template=CHAT_TEMPLATE)
+
+
+def tiny_config(tokenizer: Qwen2Tokenizer, **text_overrides) -> Qwen2_5_VLConfig:
+    """The tiny architecture of ENVIRONMENT.md; `text_overrides` scale it up for benchmarks (hidden_size=512, ...)."""
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in QWEN_SPECIAL_TOKENS}
+    text = dict(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096, tie_word_embeddings=True,
+        rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [2, 3, 3]},
+        bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"],
+    )
+    text.update(text_overrides)
+    head_dim = text["hidden_size"] // text["num_attention_heads"]
+    if "rope_parameters" not in text_overrides and head_dim != 16:
+        # mrope_section splits head_dim/2 rotary frequencies over (time, height, width) in Qwen's 1:1.5:1.5 ratio.
+        t = head_dim // 8
+        hw = (head_dim // 2 - t) // 2
+        text["rope_parameters"] = {"rope_type": "default", "rope_theta": 1e6,
+                                   "mrope_section": [head_dim // 2 - 2 * hw, hw, hw]}
+    vision = dict(
+        depth=2, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=14, spatial_merge_size=2,
+        temporal_patch_size=2, window_size=112, out_hidden_size=text["hidden_size"], fullatt_block_indexes=[1],
+    )
+    return Qwen2_5_VLConfig(
+        text_config=text, vision_config=vision, tie_word_embeddings=text["tie_word_embeddings"],
+        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
+    )
+
+
+def build_tiny(seed: int = 0, **text_overrides) -> tuple[Qwen2_5_VLForConditionalGeneration, ImageProcessor]:
+    """A tiny random Qwen2.5-VL and its offline processor; the same seed gives the same weights."""
+    processor = build_tiny_processor()
+    config = tiny_config(processor.tokenizer, **text_overrides)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = Qwen2_5_VLForConditionalGeneration(config).float().eval()
+    _set_generation_config(model, processor.tokenizer)
+    return model, processor
+
+
+def _set_generation_config(model, tokenizer) -> None:
+    # A random model has no generation_config.json: stop at <|im_end|> (end of the assistant turn) and pad with
+    # <|endoftext|>, as Qwen2.5-VL-Instruct's own generation config does. Greedy unless asked otherwise.
+    model.generation_config = GenerationConfig(
+        eos_token_id=[tokenizer.convert_tokens_to_ids("<|im_end|>"), tokenizer.convert_tokens_to_ids("<|endoftext|>")],
+        pad_token_id=tokenizer.convert_tokens_to_ids("<|endoftext|>"),
+        do_sample=False,
+    )
+
+
+def eos_token_ids(model) -> list[int]:
+    """The ids that end a response, from the model's generation config (an int or a list there)."""
+    eos = model.generation_config.eos_token_id
+    if eos is None:
+        raise ValueError("model.generation_config.eos_token_id is not set: the sampler would never stop")
+    return [eos] if isinstance(eos, int) else list(eos)
+
+
+def _resolve(name_or_path: str | os.PathLike) -> str:
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"{path} is a folder but has no config.json: not a Hugging Face model folder")
+        return str(path)
+    looks_like_path = str(name_or_path).startswith(("/", ".", "~")) or os.sep in str(name_or_path).rstrip("/").split("/", 1)[-1]
+    if looks_like_path or str(name_or_path).count("/") != 1:
+        raise FileNotFoundError(f"model path {name_or_path!r} does not exist")
+    return str(name_or_path)  # a hub id: only the local cache is consulted (local_files_only below)
+
+
+def load_policy(
+    name_or_path: str | os.PathLike,
+    *,
+    dtype: torch.dtype = torch.bfloat16,
+    device: str | torch.device = "cpu",
+    attn_implementation: str = "sdpa",
+) -> tuple[Qwen2_5_VLForConditionalGeneration, ImageProcessor]:
+    """Load a Qwen2.5-VL checkpoint and its processor from a local folder or the local HF cache (never downloads)."""
+    source = _resolve(name_or_path)
+    try:
+        model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
+            source, dtype=dtype, attn_implementation=attn_implementation, local_files_only=True
+        )
+        processor = ImageProcessor.from_pretrained(source, local_files_only=True)
+    except OSError as err:
+        raise FileNotFoundError(
+            f"could not load {name_or_path!r} from a local folder or the local Hugging Face cache; harmo_min never "
+            f"downloads (these machines are often offline): download it elsewhere and pass its folder ({err})"
+        ) from err
+    if model.generation_config.eos_token_id is None:
+        _set_generation_config(model, processor.tokenizer)
+    return model.to(device), processor

@@ -1,0 +1,183 @@
+"""The hand-written sampler against Hugging Face `generate` and a plain full forward."""
+
+import pytest
+import torch
+
+from harmo_min.data import Example, encode_prompts, synthetic_examples
+from harmo_min.rollout import sample
+
+
+def _greedy_generate(model, batch, max_new_tokens):
+    out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, min_new_tokens=max_new_tokens)
+    return out[:, batch["input_ids"].shape[1]:]
+
+
+def _prompts(processor, examples):
+    return encode_prompts(processor, examples, "think_answer")
+
+
+def test_greedy_equals_generate_single_prompt(tiny):
+    model, processor = tiny
+    batch = _prompts(processor, synthetic_examples(1, seed=3))
+    ours = sample(model, batch, n=1, max_new_tokens=16, temperature=0, eos_ids=[-1])
+    assert torch.equal(ours.response_ids, _greedy_generate(model, batch, 16))
+
+
+def test_greedy_equals_generate_left_padded_batch_with_different_image_sizes(tiny):
+    model, processor = tiny
+    examples = synthetic_examples(3, seed=5)
+    examples[0].images = [examples[0].images[0].resize((56, 56))]   # 4 image tokens
+    examples[2].images = [examples[2].images[0].resize((84, 112))]  # 12 image tokens
+    batch = _prompts(processor, examples)
+    assert (batch["attention_mask"] == 0).any(), "the batch must really be left padded"
+    assert len(set(batch["image_grid_thw"].prod(-1).tolist())) == 3
+    ours = sample(model, batch, n=1, max_new_tokens=16, temperature=0, eos_ids=[-1])
+    assert torch.equal(ours.response_ids, _greedy_generate(model, batch, 16))
+
+
+def test_greedy_equals_generate_text_only(tiny):
+    model, processor = tiny
+    batch = _prompts(processor, [Example("t", problem="What is the sum of 2 and 3?", answer="5")])
+    assert "pixel_values" not in batch
+    ours = sample(model, batch, n=1, max_new_tokens=16, temperature=0, eos_ids=[-1])
+    assert torch.equal(ours.response_ids, _greedy_generate(model, batch, 16))
+
+
+def test_seeded_sampling_is_reproducible_and_seeds_differ(tiny):
+    model, processor = tiny
+    batch = _prompts(processor, synthetic_examples(2, seed=0))
+    run = lambda seed: sample(model, batch, n=4, max_new_tokens=12, temperature=1.0, top_p=0.9, top_k=50,
+                              generator=torch.Generator().manual_seed(seed)).response_ids
+    assert torch.equal(run(1), run(1))
+    assert not torch.equal(run(1), run(2))
+
+
+def test_group_samples_differ_and_prompt_index_groups_rows(tiny):
+    model, processor = tiny
+    batch = _prompts(processor, synthetic_examples(2, seed=0))
+    r = sample(model, batch, n=4, max_new_tokens=12, temperature=1.0, generator=torch.Generator().manual_seed(0))
+    assert r.prompt_index.tolist() == [0, 0, 0, 0, 1, 1, 1, 1]
+    for p in range(2):
+        group = r.response_ids[r.prompt_index == p]
+        assert len({tuple(row.tolist()) for row in group}) > 1
+
+
+def test_prompt_is_prefilled_once_not_n_times(tiny):
+    model, processor = tiny
+    batch = _prompts(processor, synthetic_examples(2, seed=0))
+    calls = []
+    handle = model.model.visual.register_forward_hook(lambda mod, args, out: calls.append(args[0].shape[0]))
+    try:
+        sample(model, batch, n=8, max_new_tokens=4, temperature=1.0, generator=torch.Generator().manual_seed(0))
+    finally:
+        handle.remove()
+    assert calls == [batch["pixel_values"].shape[0]]  # one vision pass over the 2 prompts' patches, not 16
+
+
+def test_response_mask_covers_exactly_through_first_eos(tiny):
+    model, processor = tiny
+    batch = _prompts(processor, synthetic_examples(3, seed=2))
+    # Seeded sampling replays the same tokens; declare a token of row 0 (first drawn at step k >= 2) the EOS,
+    # and row 0 must stop exactly there.
+    run = lambda **kw: sample(model, batch, n=1, max_new_tokens=10, generator=torch.Generator().manual_seed(0), **kw)
+    k, eos = _first_new_token(run(eos_ids=[-1]).response_ids[0].tolist(), at_least=2)
+    r = run(eos_ids=[eos], pad_id=0)
+    for row in range(3):
+        ids, mask = r.response_ids[row].tolist(), r.response_mask[row].tolist()
+        if eos in ids:
+            first = ids.index(eos)
+            assert mask == [1] * (first + 1) + [0] * (len(ids) - first - 1)
+            assert all(t == 0 for t in ids[first + 1:]), "tokens after EOS are pad"
+            assert r.finish_reason[row] == "eos"
+        else:
+            assert mask == [1] * len(ids) and r.finish_reason[row] == "length"
+    assert r.finish_reason[0] == "eos" and r.lengths[0] == k + 1
+
+
+def _first_new_token(ids, at_least):
+    for k in range(at_least, len(ids)):
+        if ids[k] not in ids[:k]:
+            return k, ids[k]
+    raise AssertionError(f"row {ids} repeats itself: pick another seed")
+
+
+def test_pad_equal_to_eos_keeps_only_first_eos_in_mask(tiny):
+    model, processor = tiny
+    batch = _prompts(processor, synthetic_examples(2, seed=2))
+    run = lambda **kw: sample(model, batch, n=1, max_new_tokens=8, generator=torch.Generator().manual_seed(0), **kw)
+    k, eos = _first_new_token(run(eos_ids=[-1]).response_ids[0].tolist(), at_least=1)
+    # pad == eos (Qwen's <|endoftext|> is both): the rows' later pads must not count as more EOS tokens.
+    r = run(eos_ids=[eos], pad_id=eos)
+    assert r.response_mask[0].tolist() == [1] * (k + 1) + [0] * (r.response_ids.shape[1] - k - 1)
+    assert r.response_ids[0, k:].eq(eos).all()
+
+
+def test_max_new_tokens_is_respected(tiny):
+    model, processor = tiny
+    batch = _prompts(processor, synthetic_examples(2, seed=0))
+    r = sample(model, batch, n=3, max_new_tokens=7, temperature=1.0, generator=torch.Generator().manual_seed(0),
+               eos_ids=[-1])
+    assert r.response_ids.shape == (6, 7)
+    assert r.finish_reason == ["length"] * 6 and r.lengths.tolist() == [7] * 6
+
+
+def _full_forward_logprobs(model, batch, r, temperature):
+    """Log-probs of the sampled tokens from one plain forward of prompt+response; HF computes the positions."""
+    n = r.response_ids.shape[0] // batch["input_ids"].shape[0]
+    ids = torch.cat([batch["input_ids"].repeat_interleave(n, 0), r.response_ids], 1)
+    mask = torch.cat([batch["attention_mask"].repeat_interleave(n, 0), torch.ones_like(r.response_ids)], 1)
+    mm = torch.cat([batch["mm_token_type_ids"].repeat_interleave(n, 0), torch.zeros_like(r.response_ids)], 1)
+    per_prompt = batch["image_grid_thw"].prod(-1).tolist()
+    chunks = torch.split(batch["pixel_values"], per_prompt)
+    pixels = torch.cat([chunks[i] for i in range(len(chunks)) for _ in range(n)])
+    grid = batch["image_grid_thw"].repeat_interleave(n, 0)
+    model.model.rope_deltas = None
+    logits = model(input_ids=ids, attention_mask=mask, mm_token_type_ids=mm, pixel_values=pixels,
+                   image_grid_thw=grid).logits.float()
+    T = r.response_ids.shape[1]
+    logits = logits[:, -T - 1:-1] / temperature
+    return torch.log_softmax(logits, -1).gather(-1, r.response_ids[..., None]).squeeze(-1)
+
+
+@pytest.mark.parametrize("temperature,top_p", [(1.0, 1.0), (0.7, 0.9)])
+def test_sampler_logprobs_equal_full_forward(tiny, temperature, top_p):
+    model, processor = tiny
+    examples = synthetic_examples(3, seed=7)
+    examples[1].images = [examples[1].images[0].resize((56, 84))]
+    batch = _prompts(processor, examples)
+    r = sample(model, batch, n=2, max_new_tokens=10, temperature=temperature, top_p=top_p,
+               generator=torch.Generator().manual_seed(0), eos_ids=[-1])
+    with torch.no_grad():
+        ref = _full_forward_logprobs(model, batch, r, temperature)
+    assert torch.allclose(r.logprobs, ref * r.response_mask, atol=1e-4), (r.logprobs - ref).abs().max()
+
+
+def test_texts_are_decoded_without_pad(tiny):
+    model, processor = tiny
+    batch = _prompts(processor, synthetic_examples(1, seed=2))
+    r = sample(model, batch, n=2, max_new_tokens=8, temperature=1.0, generator=torch.Generator().manual_seed(0),
+               tokenizer=processor.tokenizer)
+    for row, text in enumerate(r.texts):
+        kept = r.response_ids[row][r.response_mask[row].bool()]
+        assert text == processor.tokenizer.decode(kept, skip_special_tokens=True)
+
+
+def test_top_k_one_is_greedy(tiny):
+    model, processor = tiny
+    batch = _prompts(processor, synthetic_examples(2, seed=4))
+    greedy = sample(model, batch, n=1, max_new_tokens=8, temperature=0, eos_ids=[-1]).response_ids
+    topk = sample(model, batch, n=1, max_new_tokens=8, temperature=1.0, top_k=1, eos_ids=[-1],
+                  generator=torch.Generator().manual_seed(0)).response_ids
+    assert torch.equal(greedy, topk)
+
+
+def test_bad_arguments_raise(tiny):
+    model, processor = tiny
+    batch = _prompts(processor, synthetic_examples(1, seed=0))
+    with pytest.raises(ValueError, match="top_p"):
+        sample(model, batch, n=1, max_new_tokens=4, top_p=0.0)
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        sample(model, batch, n=1, max_new_tokens=0)
+    del batch["mm_token_type_ids"]
+    with pytest.raises(ValueError, match="mm_token_type_ids"):
+        sample(model, batch, n=1, max_new_tokens=4)
