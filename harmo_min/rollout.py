@@ -13,14 +13,16 @@ image_grid_thw). The loop is four small steps:
    `(real tokens so far - 1) + rope_delta`, where `rope_delta = max prompt position + 1 - prompt length` (an
    image spans fewer positions than tokens). Real tokens are counted from the attention mask, so left padding
    never shifts positions, and the same formula gives `arange` for text-only prompts (`rope_delta = 0`).
-4. **sample**: logits / T, optional top-k then top-p truncation, and an exponential-race draw
+4. **sample**: vision placeholder ids (`<|image_pad|>`, `<|video_pad|>`) masked out (a response containing one
+   would be read as an image slot by the training forward, which then fails or misplaces image features),
+   logits / T, optional top-k then top-p truncation, and an exponential-race draw
    (`argmax(p / Exp(1))` is a sample from `p`) from a seeded `torch.Generator`; T = 0 is greedy.
 
 Rows that emit an EOS id stop: later tokens are pad and masked out. The loop ends when every row has stopped or
 after `max_new_tokens`.
 
 Returned `logprobs[i, t] = log softmax(logits / T)[token]`, the *untruncated* temperature-scaled policy (T = 1
-when greedy). This is exactly what `grpo.token_logprobs` recomputes in the training forward, so with one update per
+when greedy) with only the placeholder ids removed. This is exactly what `grpo.token_logprobs` recomputes in the training forward, so with one update per
 rollout the sampler's log-probs can serve as `logp_old`; top-k/top-p only shape which tokens get drawn.
 
 **Under FSDP2** the caller gathers full parameters once for the whole rollout phase
@@ -70,11 +72,19 @@ def mrope_positions(model, prompts: dict) -> tuple[torch.Tensor, torch.Tensor]:
     )
 
 
+def placeholder_ids(model) -> list[int]:
+    """Token ids a response must never contain: the image/video slots the processor expands at encode time."""
+    return [i for i in (model.config.image_token_id, model.config.video_token_id) if i is not None]
+
+
 def sample_next(
-    logits: torch.Tensor, *, temperature: float, top_p: float, top_k: int, generator: torch.Generator | None
+    logits: torch.Tensor, *, temperature: float, top_p: float, top_k: int, generator: torch.Generator | None,
+    suppress_ids: list[int] = (),
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Draw one token per row from logits (B, V); return it (B,) and its log-prob under softmax(logits / T) (B,)."""
     logits = logits.float()
+    if len(suppress_ids):
+        logits[:, list(suppress_ids)] = float("-inf")
     if temperature == 0:
         token = logits.argmax(-1)                                             # (B,)
         return token, torch.log_softmax(logits, -1).gather(-1, token[:, None]).squeeze(-1)
@@ -135,6 +145,7 @@ def sample(
     pad_id: int | None = None,
     tokenizer=None,
     all_done: Callable[[bool], bool] | None = None,
+    suppress_ids: list[int] | None = None,
 ) -> Rollout:
     """Sample `n` responses for each prompt of the left-padded batch `prompts`; see the module docstring."""
     if n < 1 or max_new_tokens < 1:
@@ -149,6 +160,7 @@ def sample(
     pad_id = pad_id if pad_id is not None else (gen_cfg.pad_token_id if gen_cfg.pad_token_id is not None else eos_ids[0])
     device = prompts["input_ids"].device
     eos = torch.tensor(eos_ids, device=device)
+    suppress_ids = placeholder_ids(model) if suppress_ids is None else suppress_ids
 
     cache = DynamicCache(config=model.config)
     logits, rope_deltas = prefill(model, prompts, cache)                       # (N, V), (N, 1)
@@ -161,7 +173,8 @@ def sample(
     tokens, logps = [], []
     done = torch.zeros(rows, dtype=torch.bool, device=device)                  # (B,)
     for step in range(max_new_tokens):
-        token, logp = sample_next(logits, temperature=temperature, top_p=top_p, top_k=top_k, generator=generator)
+        token, logp = sample_next(logits, temperature=temperature, top_p=top_p, top_k=top_k, generator=generator,
+                                  suppress_ids=suppress_ids)
         token = torch.where(done, pad_id, token)                               # (B,) finished rows emit pad
         tokens.append(token)
         logps.append(torch.where(done, 0.0, logp))

@@ -4,11 +4,12 @@ import pytest
 import torch
 
 from harmo_min.data import Example, encode_prompts, synthetic_examples
-from harmo_min.rollout import sample
+from harmo_min.rollout import placeholder_ids, sample
 
 
 def _greedy_generate(model, batch, max_new_tokens):
-    out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, min_new_tokens=max_new_tokens)
+    out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, min_new_tokens=max_new_tokens,
+                         suppress_tokens=placeholder_ids(model))
     return out[:, batch["input_ids"].shape[1]:]
 
 
@@ -136,6 +137,7 @@ def _full_forward_logprobs(model, batch, r, temperature):
                    image_grid_thw=grid).logits.float()
     T = r.response_ids.shape[1]
     logits = logits[:, -T - 1:-1] / temperature
+    logits[..., placeholder_ids(model)] = float("-inf")
     return torch.log_softmax(logits, -1).gather(-1, r.response_ids[..., None]).squeeze(-1)
 
 

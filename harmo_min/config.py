@@ -1,0 +1,108 @@
+"""YAML configs with dotted command-line overrides, checked against each stage's defaults.
+
+    cfg = load_config("configs/tiny.yaml", ["rollout.n=8", "reward.weights.length=0.5"], defaults=GRPO_DEFAULTS)
+
+The defaults dict is the schema: every key a YAML file or an override sets must exist there (except under the
+`open` sub-trees, such as `reward.weights`, whose keys are aspect names checked by their own component), and its
+value must have the default's type (an int is accepted where a float is expected; `None` defaults accept anything).
+A typo fails before any model is loaded, naming the key and the nearest valid one.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import os
+from typing import Any
+
+import yaml
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for key, value in tree.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            out.update(_flatten(value, path + "."))
+        else:
+            out[path] = value
+    return out
+
+
+def _check_type(key: str, value: Any, default: Any, where: str) -> Any:
+    if default is None or value is None:
+        return value
+    if isinstance(default, bool) or isinstance(value, bool):
+        ok = isinstance(default, bool) and isinstance(value, bool)
+    elif isinstance(default, float):
+        if isinstance(value, str):  # YAML 1.1 reads `1e-6` (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        ok = isinstance(value, (int, float))
+        value = float(value) if ok else value
+    else:
+        ok = isinstance(value, type(default))
+    if not ok:
+        raise ValueError(f"{where}{key}: expected {type(default).__name__}, got {type(value).__name__} ({value!r})")
+    return value
+
+
+def merge(defaults: dict, updates: dict, *, open_keys: tuple[str, ...] = (), where: str = "") -> dict:
+    """`defaults` updated with the (nested) `updates`, every key and type checked; a new dict."""
+    known = _flatten(defaults)
+    cfg = copy.deepcopy(defaults)
+    for key, value in _flatten(updates).items():
+        if any(key == k or key.startswith(k + ".") for k in open_keys):
+            pass
+        elif key not in known:
+            prefix_of_known = any(k.startswith(key + ".") for k in known)
+            if prefix_of_known and isinstance(value, dict):  # an empty section, e.g. `reward: {}`
+                continue
+            hint = difflib.get_close_matches(key, list(known), n=1, cutoff=0.5)
+            nearest = f" (did you mean '{hint[0]}'?)" if hint else ""
+            raise ValueError(f"{where}unknown config key '{key}'{nearest}")
+        else:
+            value = _check_type(key, value, known[key], where)
+        node = cfg
+        *parents, leaf = key.split(".")
+        for p in parents:
+            if not isinstance(node.get(p), dict):
+                node[p] = {}
+            node = node[p]
+        node[leaf] = value
+    return cfg
+
+
+def parse_overrides(overrides: list[str]) -> dict:
+    """`["a.b=3", "c=[1, 2]"]` -> `{"a": {"b": 3}, "c": [1, 2]}`; values are parsed as YAML scalars/lists."""
+    tree: dict = {}
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"override {item!r}: expected key.path=value")
+        node = tree
+        *parents, leaf = key.strip().split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = yaml.safe_load(raw) if raw.strip() else None
+    return tree
+
+
+def load_config(path: str | os.PathLike | None, overrides: list[str], *, defaults: dict,
+                open_keys: tuple[str, ...] = ()) -> dict:
+    """Defaults <- YAML file <- dotted overrides; errors name the file or the override and the key."""
+    cfg = defaults
+    if path:  # None or "": defaults only
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"config file {path} does not exist")
+        with open(path, encoding="utf-8") as f:
+            try:
+                from_file = yaml.safe_load(f) or {}
+            except yaml.YAMLError as err:
+                raise ValueError(f"{path}: not valid YAML ({err})") from None
+        if not isinstance(from_file, dict):
+            raise ValueError(f"{path}: expected a mapping at the top level")
+        cfg = merge(cfg, from_file, open_keys=open_keys, where=f"{path}: ")
+    return merge(cfg, parse_overrides(overrides), open_keys=open_keys, where="command line: ")
