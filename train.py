@@ -256,7 +256,8 @@ def train_grpo(cfg: dict, resume: bool = False) -> list[dict]:
     scorer = None
     if cfg["reward_model"]["path"]:
         from harmo_min.reward_model import load_scorer
-        scorer = load_scorer(cfg["reward_model"]["path"], dist=dist, batch_size=cfg["reward_model"]["batch_size"])
+        scorer = load_scorer(cfg["reward_model"]["path"], dist=dist, batch_size=cfg["reward_model"]["batch_size"],
+                             answer_format=cfg["data"]["answer_format"])  # the RM sees the policy's exact prompt
     o = cfg["optim"]
     optimizer = torch.optim.AdamW(policy.parameters(), lr=o["lr"], betas=(o["beta1"], o["beta2"]),
                                   weight_decay=o["weight_decay"])
@@ -389,7 +390,7 @@ def main(argv: list[str] | None = None) -> None:
         from harmo_min.reward_training import REWARD_MODEL_DEFAULTS, train_reward_model
         cfg = load_config(args.config, args.overrides, defaults=REWARD_MODEL_DEFAULTS,
                           open_keys=("reward_model.fixed_weights", "data.kinds"))
-        train_reward_model(cfg)
+        train_reward_model(cfg, resume=args.resume)
     elif stage == "grpo":
         train_grpo(load_config(args.config, args.overrides, defaults=GRPO_DEFAULTS, open_keys=OPEN_KEYS), args.resume)
     else:
