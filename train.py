@@ -32,7 +32,7 @@ import torch
 import yaml
 
 from harmo_min import distributed as hdist
-from harmo_min.config import load_config
+from harmo_min.config import load_config, lr_schedule
 from harmo_min.data import encode_prompts, iterate_batches, load_jsonl, synthetic_examples
 from harmo_min.grpo import AGGREGATIONS, group_advantages, grpo_loss, prompt_batch, token_logprobs, zero_variance_groups
 from harmo_min.model import build_tiny, load_policy
@@ -130,19 +130,6 @@ def load_examples(cfg: dict):
     if d["train"] == "synthetic":
         return synthetic_examples(d["n_train"], seed=cfg["seed"], kinds=tuple(d["kinds"]), size=d["image_size"])
     return load_jsonl(d["train"])
-
-
-def lr_lambda(cfg: dict):
-    o, steps = cfg["optim"], cfg["train"]["steps"]
-
-    def factor(step: int) -> float:
-        if step < o["warmup_steps"]:
-            return (step + 1) / o["warmup_steps"]
-        if o["schedule"] == "cosine":
-            progress = (step - o["warmup_steps"]) / max(1, steps - o["warmup_steps"])
-            return 0.5 * (1 + math.cos(math.pi * progress))
-        return 1.0
-    return factor
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -261,7 +248,7 @@ def train_grpo(cfg: dict, resume: bool = False) -> list[dict]:
     o = cfg["optim"]
     optimizer = torch.optim.AdamW(policy.parameters(), lr=o["lr"], betas=(o["beta1"], o["beta2"]),
                                   weight_decay=o["weight_decay"])
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_schedule(cfg))
     generator = torch.Generator(dist.device).manual_seed(cfg["seed"] * 1_000_003 + dist.rank)
 
     start = 0

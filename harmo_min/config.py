@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import math
 import os
 from typing import Any
 
@@ -106,3 +107,16 @@ def load_config(path: str | os.PathLike | None, overrides: list[str], *, default
             raise ValueError(f"{path}: expected a mapping at the top level")
         cfg = merge(cfg, from_file, open_keys=open_keys, where=f"{path}: ")
     return merge(cfg, parse_overrides(overrides), open_keys=open_keys, where="command line: ")
+
+
+def lr_schedule(cfg: dict):
+    """LambdaLR factor from `optim.warmup_steps`, `optim.schedule` (constant | cosine) and `train.steps`."""
+    o, steps = cfg["optim"], cfg["train"]["steps"]
+
+    def factor(step: int) -> float:
+        if step < o["warmup_steps"]:
+            return (step + 1) / o["warmup_steps"]
+        if o["schedule"] == "cosine":
+            return 0.5 * (1 + math.cos(math.pi * (step - o["warmup_steps"]) / max(1, steps - o["warmup_steps"])))
+        return 1.0
+    return factor

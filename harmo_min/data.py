@@ -97,9 +97,22 @@ def load_jsonl(path: str | os.PathLike, *, check_images: bool = True) -> list[Ex
     from harmo_min.rewards import validate_constraint
 
     path = Path(path)
+    examples, seen = [], set()
+    for where, record in read_jsonl(path):
+        examples.append(parse_record(record, where, path.parent, check_images, validate_constraint))
+        if examples[-1].id in seen:
+            raise DataError(f"{where}: field 'id': duplicate id {examples[-1].id!r}")
+        seen.add(examples[-1].id)
+    if not examples:
+        raise DataError(f"{path}: no records")
+    return examples
+
+
+def read_jsonl(path: str | os.PathLike) -> Iterator[tuple[str, dict]]:
+    """Yield ("file:line", record) for every non-blank line; a line that is not a JSON object is a DataError."""
+    path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: no such file")
-    examples, seen = [], set()
     with path.open(encoding="utf-8") as f:
         for lineno, line in enumerate(f, start=1):
             if not line.strip():
@@ -111,16 +124,10 @@ def load_jsonl(path: str | os.PathLike, *, check_images: bool = True) -> list[Ex
                 raise DataError(f"{where}: not valid JSON ({err.msg} at column {err.colno})") from None
             if not isinstance(record, dict):
                 raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
-            examples.append(_parse_record(record, where, path.parent, check_images, validate_constraint))
-            if examples[-1].id in seen:
-                raise DataError(f"{where}: field 'id': duplicate id {examples[-1].id!r}")
-            seen.add(examples[-1].id)
-    if not examples:
-        raise DataError(f"{path}: no records")
-    return examples
+            yield where, record
 
 
-def _parse_record(record: dict, where: str, root: Path, check_images: bool, validate_constraint) -> Example:
+def parse_record(record: dict, where: str, root: Path, check_images: bool, validate_constraint) -> Example:
     unknown = set(record) - set(_FIELD_TYPES)
     if unknown:
         raise DataError(f"{where}: unknown field(s) {sorted(unknown)}; expected some of {sorted(_FIELD_TYPES)}")

@@ -458,33 +458,23 @@ _PAIR_FIELDS: dict[str, tuple[type, ...]] = {
 def load_preference_jsonl(path: str | os.PathLike, *, aspects: Sequence[str] | None = None,
                           check_images: bool = True) -> list[PreferencePair]:
     """Read and validate preference pairs; raise `DataError("file:line: field 'x': ...")` on the first bad record."""
+    from harmo_min.data import read_jsonl
+
     path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: no such file")
     pairs, seen = [], set()
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise DataError(f"{where}: not valid JSON ({err.msg} at column {err.colno})") from None
-            if not isinstance(record, dict):
-                raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
-            pair = _parse_pair(record, where, path.parent, aspects, check_images)
-            if pair.id in seen:
-                raise DataError(f"{where}: field 'id': duplicate id {pair.id!r}")
-            seen.add(pair.id)
-            pairs.append(pair)
+    for where, record in read_jsonl(path):
+        pair = _parse_pair(record, where, path.parent, aspects, check_images)
+        if pair.id in seen:
+            raise DataError(f"{where}: field 'id': duplicate id {pair.id!r}")
+        seen.add(pair.id)
+        pairs.append(pair)
     if not pairs:
         raise DataError(f"{path}: no records")
     return pairs
 
 
 def _parse_pair(record: dict, where: str, root: Path, aspects: Sequence[str] | None, check_images: bool) -> PreferencePair:
-    from harmo_min.data import _parse_record  # the prompt half is validated exactly as a GRPO record is
+    from harmo_min.data import parse_record  # the prompt half is validated exactly as a GRPO record is
 
     unknown = set(record) - set(_PAIR_FIELDS)
     if unknown:
@@ -516,7 +506,7 @@ def _parse_pair(record: dict, where: str, root: Path, aspects: Sequence[str] | N
                 raise DataError(f"{where}: field '{key}.{name}': expected a finite number, got {value!r}")
     prompt = {"id": record["id"], "images": record.get("images", [])}
     prompt.update({"problem": record["prompt"]} if "prompt" in record else {"messages": messages})
-    example = _parse_record(prompt, where, root, check_images, lambda constraint: None)
+    example = parse_record(prompt, where, root, check_images, lambda constraint: None)
     return PreferencePair(
         id=example.id, example=example, chosen=record["chosen"], rejected=record["rejected"],
         aspect=record.get("aspect"), chosen_ratings={k: float(v) for k, v in record.get("chosen_ratings", {}).items()},

@@ -28,6 +28,7 @@ import torch
 import yaml
 
 from harmo_min import distributed as hdist
+from harmo_min.config import lr_schedule
 from harmo_min.data import FORMAT_INSTRUCTIONS, iterate_batches
 from harmo_min.model import build_tiny, load_policy
 from harmo_min.reward_model import (PreferencePair, RewardConfig, RewardModel, encode_pairs, load_preference_jsonl,
@@ -132,18 +133,6 @@ def build_reward_model(cfg: dict, model_cfg: RewardConfig, dist: hdist.Dist) -> 
     return hdist.apply_fsdp(rm, dist)  # vision tower, each decoder layer, root (+ head, gate); identity for 1 rank
 
 
-def lr_factor(cfg: dict):
-    o, steps = cfg["optim"], cfg["train"]["steps"]
-
-    def factor(step: int) -> float:
-        if step < o["warmup_steps"]:
-            return (step + 1) / o["warmup_steps"]
-        if o["schedule"] == "cosine":
-            return 0.5 * (1 + math.cos(math.pi * (step - o["warmup_steps"]) / max(1, steps - o["warmup_steps"])))
-        return 1.0
-    return factor
-
-
 @torch.no_grad()
 def evaluate(rm: RewardModel, pairs: list[PreferencePair], cfg: dict, dist: hdist.Dist) -> dict[str, float]:
     """Held-out pair accuracy, margin and per-aspect accuracy; every rank scores its slice (a collective)."""
@@ -204,7 +193,7 @@ def train_reward_model(cfg: dict, resume: bool = False) -> dict[str, float]:
     optimizer = torch.optim.AdamW([{"params": [p for p in params if p.dim() >= 2], "weight_decay": o["weight_decay"]},
                                    {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}],
                                   lr=o["lr"], betas=(o["beta1"], o["beta2"]))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(cfg))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_schedule(cfg))
     start = 0
     if resume:
         state = hdist.load_latest_checkpoint(run_dir, model=rm, optimizer=optimizer, scheduler=scheduler)
