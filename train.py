@@ -151,23 +151,22 @@ def grpo_update(policy, optimizer, prompts, rollout, advantages: torch.Tensor, l
     normalizer = {"token_mean": counts[0], "seq_mean": counts[1],
                   "constant": counts[1] * divisor}[g["aggregation"]].clamp(min=1).item()
 
-    def logprobs(model, idx):
+    def logprobs(model, idx):  # (b, T) log-probs and entropies of micro-batch `idx`
         return token_logprobs(model, prompts.rows(rollout.prompt_index[idx]), rollout.response_ids[idx],
-                              rollout.response_mask[idx], temperature=temperature)[0]
+                              rollout.response_mask[idx], temperature=temperature)
 
     old, ref = [None] * len(micro), [None] * len(micro)
     with torch.no_grad():
         if g["epochs"] > 1:
-            old = [logprobs(policy, idx) for idx in micro]
+            old = [logprobs(policy, idx)[0] for idx in micro]
         if g["kl_coef"] > 0:
-            ref = [logprobs(ref_model, idx) for idx in micro]
+            ref = [logprobs(ref_model, idx)[0] for idx in micro]
 
     sums = {"loss": 0.0, "clip_frac": 0.0, "kl": 0.0, "ratio_mean": 0.0, "entropy": 0.0, "tokens": 0.0}
     grad_norm = torch.tensor(0.0)
     for _ in range(g["epochs"]):
         for k, idx in enumerate(micro):
-            logp, entropy = token_logprobs(policy, prompts.rows(rollout.prompt_index[idx]), rollout.response_ids[idx],
-                                           rollout.response_mask[idx], temperature=temperature)
+            logp, entropy = logprobs(policy, idx)
             loss, m = grpo_loss(logp, logp.detach() if old[k] is None else old[k], advantages[idx], loss_mask[idx],
                                 ref_logp=ref[k], clip_low=g["clip_low"], clip_high=g["clip_high"],
                                 kl_coef=g["kl_coef"], aggregation=g["aggregation"], normalizer=normalizer,
@@ -314,9 +313,9 @@ def train_grpo(cfg: dict, resume: bool = False) -> list[dict]:
         local.update(accuracy=float(accuracy.mean()), response_length=sum(lengths) / len(lengths),
                      eos_rate=sum(f == "eos" for f in rollout.finish_reason) / len(lengths))
         metrics = {"step": step + 1, **global_mean(local, len(lengths)), **update, "lr": scheduler.get_last_lr()[0]}
-        counts = torch.tensor(list(route_counts(groups).values()), dtype=torch.float64)
-        hdist.all_reduce(counts)
-        metrics.update({f"route/{k}": int(v) for k, v in zip(route_counts(groups), counts.tolist())})
+        routes = route_counts(groups)
+        counts = hdist.all_reduce(torch.tensor(list(routes.values()), dtype=torch.float64))
+        metrics.update({f"route/{k}": int(v) for k, v in zip(routes, counts.tolist())})
         tokens = torch.tensor([float(rollout.response_mask.sum() + encoded["attention_mask"].sum() * n)])
         metrics.update(step_time_s=step_time, tokens_per_s=float(hdist.all_reduce(tokens)) / step_time)
         history.append(metrics)

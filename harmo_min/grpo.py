@@ -108,39 +108,42 @@ class TokenLogProb(torch.autograd.Function):
 
 @dataclass
 class PromptBatch:
-    """The encoded prompts of one rollout (left padded) and, per prompt, its slice of pixel rows."""
+    """The encoded prompts of one rollout (left padded) and where each prompt's images and patches start."""
     input_ids: torch.Tensor            # (N, P)
     attention_mask: torch.Tensor       # (N, P)
     mm_token_type_ids: torch.Tensor    # (N, P)
     pixel_values: torch.Tensor | None  # (sum of patches, D)
     image_grid_thw: torch.Tensor | None  # (images, 3)
-    images_per_prompt: list[int]
+    image_start: list[int]             # (N + 1,) prompt p owns images image_start[p]:image_start[p + 1]
+    patch_start: list[int]             # (images + 1,) image j owns pixel rows patch_start[j]:patch_start[j + 1]
 
     def rows(self, prompt_index: torch.Tensor) -> dict:
         """Prompt tensors for the given rows (several rows may share a prompt), trimmed of all-pad columns."""
-        pi = prompt_index.tolist()
         mask = self.attention_mask[prompt_index]
         first = int((mask.cumsum(-1) == 0).sum(-1).min())                      # leading pad shared by all rows
         out = {"input_ids": self.input_ids[prompt_index][:, first:], "attention_mask": mask[:, first:],
                "mm_token_type_ids": self.mm_token_type_ids[prompt_index][:, first:]}
-        if self.pixel_values is not None:
-            image_start = [0]
-            for k in self.images_per_prompt:
-                image_start.append(image_start[-1] + k)
-            patches = self.image_grid_thw.prod(-1).tolist()
-            patch_start = [0]
-            for k in patches:
-                patch_start.append(patch_start[-1] + k)
-            images = [j for p in pi for j in range(image_start[p], image_start[p + 1])]
-            if images:
-                out["pixel_values"] = torch.cat([self.pixel_values[patch_start[j]:patch_start[j + 1]] for j in images])
-                out["image_grid_thw"] = self.image_grid_thw[images]
+        images = [j for p in prompt_index.tolist() for j in range(self.image_start[p], self.image_start[p + 1])]
+        if images:
+            s = self.patch_start
+            out["pixel_values"] = torch.cat([self.pixel_values[s[j]:s[j + 1]] for j in images])
+            out["image_grid_thw"] = self.image_grid_thw[images]
         return out
 
 
+def _starts(counts: list[int]) -> list[int]:
+    starts = [0]
+    for k in counts:
+        starts.append(starts[-1] + k)
+    return starts
+
+
 def prompt_batch(encoded: dict, images_per_prompt: list[int]) -> PromptBatch:
+    """Index the batch once, so every micro-batch of every epoch slices it without recounting."""
+    grid = encoded.get("image_grid_thw")
+    patches = grid.prod(-1).tolist() if grid is not None else []
     return PromptBatch(encoded["input_ids"], encoded["attention_mask"], encoded["mm_token_type_ids"],
-                       encoded.get("pixel_values"), encoded.get("image_grid_thw"), images_per_prompt)
+                       encoded.get("pixel_values"), grid, _starts(images_per_prompt), _starts(patches))
 
 
 def token_logprobs(model, prompts: dict, response_ids: torch.Tensor, response_mask: torch.Tensor, *,

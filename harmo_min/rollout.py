@@ -42,6 +42,8 @@ from dataclasses import dataclass
 import torch
 from transformers import DynamicCache
 
+from harmo_min.model import eos_token_ids
+
 
 @dataclass
 class Rollout:
@@ -154,7 +156,7 @@ def sample(
         raise ValueError(f"sample: need temperature >= 0, 0 < top_p <= 1, top_k >= 0; got {temperature}, {top_p}, {top_k}")
     gen_cfg = model.generation_config
     if eos_ids is None:
-        eos_ids = [gen_cfg.eos_token_id] if isinstance(gen_cfg.eos_token_id, int) else list(gen_cfg.eos_token_id or [])
+        eos_ids = eos_token_ids(model)
     if not eos_ids:
         raise ValueError("sample: no eos_ids given and model.generation_config has none: rows would never stop")
     pad_id = pad_id if pad_id is not None else (gen_cfg.pad_token_id if gen_cfg.pad_token_id is not None else eos_ids[0])
