@@ -41,7 +41,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from harmo_min.data import encode_prompts, synthetic_examples  # noqa: E402
 from harmo_min.model import build_tiny  # noqa: E402
-from harmo_min.rollout import placeholder_ids, sample  # noqa: E402
+from harmo_min.model import placeholder_ids
+from harmo_min.rollout import sample  # noqa: E402
 
 CONFIGS = {
     "tiny": {},

@@ -56,7 +56,7 @@ from PIL import Image
 
 from harmo_min.data import DataError, Example, TASK_KINDS, load_jsonl, synthetic_examples
 
-FORMATS = ("mathvista", "mathverse", "geometry3k", "jsonl", "synthetic")
+BENCHMARK_FORMATS = ("mathvista", "mathverse", "geometry3k", "jsonl", "synthetic")
 DISPLAY_NAMES = {"mathvista": "MathVista", "mathverse": "MathVerse", "geometry3k": "Geometry3K"}
 EXPECTED_FIELDS = {
     "mathvista": "pid (or object key), question, image, answer, question_type, answer_type, "
@@ -99,7 +99,7 @@ def parse_spec(spec: str) -> tuple[str | None, str | None, str]:
     if eq and head and "/" not in head and ":" not in head:
         name, spec = head, rest
     fmt, colon, path = spec.partition(":")
-    if colon and fmt in FORMATS:
+    if colon and fmt in BENCHMARK_FORMATS:
         return name, fmt, path
     return name, None, spec
 
@@ -156,7 +156,7 @@ def detect_format(record: dict, where: str) -> str:
         return "geometry3k"
     formats = "; ".join(f"{f}: {EXPECTED_FIELDS[f]}" for f in EXPECTED_FIELDS)
     raise DataError(f"{where}: cannot tell the benchmark format from fields {sorted(keys)}. Expected fields by "
-                    f"format: {formats}. Or name it: --data FORMAT:PATH with FORMAT one of {list(FORMATS)}")
+                    f"format: {formats}. Or name it: --data FORMAT:PATH with FORMAT one of {list(BENCHMARK_FORMATS)}")
 
 
 # ---------------------------------------------------------------------------------------------------- field checks

@@ -37,7 +37,7 @@ from dataclasses import dataclass
 
 import torch
 
-from harmo_min.rollout import mrope_positions, placeholder_ids
+from harmo_min.model import mrope_positions, placeholder_ids
 
 AGGREGATIONS = ("token_mean", "seq_mean", "constant")
 

@@ -19,10 +19,12 @@ Left out: video inputs, quantised loading, LoRA.
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
 import torch
+from tokenizers import Regex, Tokenizer, models, pre_tokenizers, trainers
 from transformers import (
     AutoTokenizer,
     GenerationConfig,
@@ -31,7 +33,10 @@ from transformers import (
     Qwen2_5_VLProcessor,
     Qwen2Tokenizer,
 )
+from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+from harmo_min.data import TASK_VOCABULARY
 
 # Qwen's special tokens, in Qwen's order: with them in this order a tiny tokenizer has the same *relative*
 # layout as the real one, and the model config's special ids are simply "base + offset".
@@ -79,8 +84,6 @@ class ImageProcessor(Qwen2_5_VLProcessor):
 
 def _tiny_corpus() -> list[str]:
     # Everything the synthetic tasks and the answer format say, so the BPE learns whole words for them.
-    from harmo_min.data import TASK_VOCABULARY
-
     lines = list(TASK_VOCABULARY)
     lines += [" ".join(str(i) for i in range(100)), "You are a helpful assistant.", "system user assistant"]
     return lines
@@ -88,9 +91,6 @@ def _tiny_corpus() -> list[str]:
 
 def build_tiny_tokenizer(vocab_size: int = 600) -> Qwen2Tokenizer:
     """A byte-level BPE with Qwen's pre-tokenizer, trained in-process (no hub), plus Qwen's special tokens."""
-    from tokenizers import Regex, Tokenizer, models, pre_tokenizers, trainers
-    from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
-
     bpe = Tokenizer(models.BPE())
     # Same split as Qwen2Tokenizer applies at encode time, so the learned merges are the ones it will use.
     bpe.pre_tokenizer = pre_tokenizers.Sequence(
@@ -104,8 +104,6 @@ def build_tiny_tokenizer(vocab_size: int = 600) -> Qwen2Tokenizer:
     )
     bpe.train_from_iterator(_tiny_corpus(), trainer=trainer)
     state = bpe.model.__getstate__()
-    import json
-
     model_json = json.loads(state)
     vocab = model_json["vocab"]
     merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model_json["merges"]]
@@ -180,6 +178,26 @@ def eos_token_ids(model) -> list[int]:
     if eos is None:
         raise ValueError("model.generation_config.eos_token_id is not set: the sampler would never stop")
     return [eos] if isinstance(eos, int) else list(eos)
+
+
+def mrope_positions(model, prompts: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prompt positions (3, N, P) and per-row rope deltas (N, 1) as Qwen2.5-VL computes them for `generate`."""
+    input_ids, attention_mask = prompts["input_ids"], prompts["attention_mask"]
+    mm_token_type_ids = prompts.get("mm_token_type_ids")
+    if mm_token_type_ids is None:
+        # Without it get_rope_index cannot see the images and silently gives 1-D positions: refuse instead.
+        if prompts.get("pixel_values") is not None:
+            raise ValueError("prompts have pixel_values but no mm_token_type_ids: M-RoPE positions would be wrong")
+        mm_token_type_ids = torch.zeros_like(input_ids)
+    return model.model.get_rope_index(
+        input_ids, mm_token_type_ids=mm_token_type_ids, image_grid_thw=prompts.get("image_grid_thw"),
+        attention_mask=attention_mask,
+    )
+
+
+def placeholder_ids(model) -> list[int]:
+    """Token ids a response must never contain: the image/video slots the processor expands at encode time."""
+    return [i for i in (model.config.image_token_id, model.config.video_token_id) if i is not None]
 
 
 def _resolve(name_or_path: str | os.PathLike) -> str:

@@ -29,10 +29,10 @@ import yaml
 
 from harmo_min import distributed as hdist
 from harmo_min.config import lr_schedule
-from harmo_min.data import FORMAT_INSTRUCTIONS, iterate_batches
+from harmo_min.data import (FORMAT_INSTRUCTIONS, PreferencePair, iterate_batches, load_preference_jsonl,
+                            synthetic_pairs)
 from harmo_min.model import build_tiny, load_policy
-from harmo_min.reward_model import (PreferencePair, RewardConfig, RewardModel, encode_pairs, load_preference_jsonl,
-                                    preference_loss, split_pairs, synthetic_pairs)
+from harmo_min.reward_model import RewardConfig, RewardModel, encode_pairs, preference_loss, split_pairs
 
 REWARD_MODEL_DEFAULTS = {
     "stage": "reward_model",

@@ -42,7 +42,7 @@ from dataclasses import dataclass
 import torch
 from transformers import DynamicCache
 
-from harmo_min.model import eos_token_ids
+from harmo_min.model import eos_token_ids, mrope_positions, placeholder_ids
 
 
 @dataclass
@@ -57,26 +57,6 @@ class Rollout:
     @property
     def lengths(self) -> torch.Tensor:  # (B,) response length in tokens, EOS included
         return self.response_mask.sum(-1)
-
-
-def mrope_positions(model, prompts: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """Prompt positions (3, N, P) and per-row rope deltas (N, 1) as Qwen2.5-VL computes them for `generate`."""
-    input_ids, attention_mask = prompts["input_ids"], prompts["attention_mask"]
-    mm_token_type_ids = prompts.get("mm_token_type_ids")
-    if mm_token_type_ids is None:
-        # Without it get_rope_index cannot see the images and silently gives 1-D positions: refuse instead.
-        if prompts.get("pixel_values") is not None:
-            raise ValueError("prompts have pixel_values but no mm_token_type_ids: M-RoPE positions would be wrong")
-        mm_token_type_ids = torch.zeros_like(input_ids)
-    return model.model.get_rope_index(
-        input_ids, mm_token_type_ids=mm_token_type_ids, image_grid_thw=prompts.get("image_grid_thw"),
-        attention_mask=attention_mask,
-    )
-
-
-def placeholder_ids(model) -> list[int]:
-    """Token ids a response must never contain: the image/video slots the processor expands at encode time."""
-    return [i for i in (model.config.image_token_id, model.config.video_token_id) if i is not None]
 
 
 def sample_next(

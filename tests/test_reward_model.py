@@ -13,11 +13,10 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-from harmo_min.data import COLOURS, DataError, Example, synthetic_examples
+from harmo_min.data import COLOURS, DataError, Example, load_preference_jsonl, synthetic_examples, synthetic_pairs
 from harmo_min.model import build_tiny
 from harmo_min.reward_model import (RewardConfig, RewardModel, RewardOutput, bradley_terry, encode_pairs,
-                                    encode_responses, last_token_index, load_preference_jsonl, load_scorer,
-                                    preference_loss, split_pairs, synthetic_pairs)
+                                    encode_responses, last_token_index, load_scorer, preference_loss, split_pairs)
 from harmo_min.reward_training import REWARD_MODEL_DEFAULTS, check_config, train_reward_model
 
 ROOT = Path(__file__).resolve().parents[1]

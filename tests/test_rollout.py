@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from harmo_min.data import Example, encode_prompts, synthetic_examples
-from harmo_min.rollout import placeholder_ids, sample
+from harmo_min.model import placeholder_ids
+from harmo_min.rollout import sample
 
 
 def _greedy_generate(model, batch, max_new_tokens):

@@ -75,7 +75,7 @@ def main(mode: str, out: Path) -> None:
             greedy = sample(model, everything, n=1, max_new_tokens=8, temperature=0, eos_ids=[-1])
         if dist.is_main:
             from harmo_min.model import load_policy
-            from harmo_min.rollout import placeholder_ids
+            from harmo_min.model import placeholder_ids
             loaded, loaded_processor = load_policy(exported, dtype=torch.float32)
             again = encode_prompts(loaded_processor, examples)
             hf = loaded.generate(**again, max_new_tokens=8, min_new_tokens=8, do_sample=False,
