@@ -33,7 +33,8 @@ import yaml
 
 from harmo_min import distributed as hdist
 from harmo_min.config import load_config, lr_schedule
-from harmo_min.data import encode_prompts, iterate_batches, load_jsonl, synthetic_examples
+from harmo_min.data import encode_prompts, iterate_batches, load_jsonl
+from harmo_min.synthetic import synthetic_examples
 from harmo_min.grpo import AGGREGATIONS, group_advantages, grpo_loss, prompt_batch, token_logprobs, zero_variance_groups
 from harmo_min.model import build_tiny, load_policy
 from harmo_min.rewards import RewardConfig, aspect_means, route_counts, score_batch

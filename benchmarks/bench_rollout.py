@@ -39,7 +39,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from harmo_min.data import encode_prompts, synthetic_examples  # noqa: E402
+from harmo_min.data import encode_prompts  # noqa: E402
+
+from harmo_min.synthetic import synthetic_examples  # noqa: E402
 from harmo_min.model import build_tiny  # noqa: E402
 from harmo_min.model import placeholder_ids
 from harmo_min.rollout import sample  # noqa: E402

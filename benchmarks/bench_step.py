@@ -85,7 +85,9 @@ def trl_side(args) -> None:
     from transformers import Qwen2_5_VLForConditionalGeneration, TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
-    from harmo_min.data import build_messages, load_images, synthetic_examples
+    from harmo_min.data import build_messages, load_images
+
+    from harmo_min.synthetic import synthetic_examples
     from harmo_min.model import ImageProcessor
 
     model = Qwen2_5_VLForConditionalGeneration.from_pretrained(args.model_dir, dtype=torch.float32)

@@ -28,7 +28,7 @@ Formats (required fields; [optional])
   jsonl       the project's own JSONL (`harmo_min.data.load_jsonl`, with its validation). Category: the task
               ("verifiable" / "open"); open items have no gold and are skipped in accuracy.
   synthetic   no file: `synthetic:N` or `synthetic:N:kind,kind` draws N built-in synthetic tasks
-              (`harmo_min.data.synthetic_examples`) with its own seed, so they are not the training draw.
+              (`harmo_min.synthetic.synthetic_examples`) with its own seed, so they are not the training draw.
               Category: the task kind.
 
 Detection: `pid` or `answer_type` -> mathvista; `problem_version` -> mathverse; `id` -> jsonl; exactly
@@ -54,7 +54,9 @@ from typing import Any
 
 from PIL import Image
 
-from harmo_min.data import DataError, Example, TASK_KINDS, load_jsonl, synthetic_examples
+from harmo_min.data import DataError, Example, load_jsonl
+
+from harmo_min.synthetic import TASK_KINDS, synthetic_examples
 
 BENCHMARK_FORMATS = ("mathvista", "mathverse", "geometry3k", "jsonl", "synthetic")
 DISPLAY_NAMES = {"mathvista": "MathVista", "mathverse": "MathVerse", "geometry3k": "Geometry3K"}

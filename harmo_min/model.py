@@ -36,7 +36,7 @@ from transformers import (
 from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-from harmo_min.data import TASK_VOCABULARY
+from harmo_min.synthetic import TASK_VOCABULARY
 
 # Qwen's special tokens, in Qwen's order: with them in this order a tiny tokenizer has the same *relative*
 # layout as the real one, and the model config's special ids are simply "base + offset".

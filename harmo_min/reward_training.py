@@ -29,8 +29,8 @@ import yaml
 
 from harmo_min import distributed as hdist
 from harmo_min.config import lr_schedule
-from harmo_min.data import (FORMAT_INSTRUCTIONS, PreferencePair, iterate_batches, load_preference_jsonl,
-                            synthetic_pairs)
+from harmo_min.data import FORMAT_INSTRUCTIONS, PreferencePair, iterate_batches, load_preference_jsonl
+from harmo_min.synthetic import synthetic_pairs
 from harmo_min.model import build_tiny, load_policy
 from harmo_min.reward_model import RewardConfig, RewardModel, encode_pairs, preference_loss, split_pairs
 

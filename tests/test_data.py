@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from harmo_min.data import (DataError, Example, build_messages, encode_prompts, iterate_batches, load_jsonl,
-                            synthetic_examples)
+from harmo_min.data import DataError, Example, build_messages, encode_prompts, iterate_batches, load_jsonl
+
+from harmo_min.synthetic import synthetic_examples
 
 
 @pytest.fixture

@@ -5,7 +5,9 @@ import math
 import pytest
 import torch
 
-from harmo_min.data import encode_prompts, synthetic_examples
+from harmo_min.data import encode_prompts
+
+from harmo_min.synthetic import synthetic_examples
 from harmo_min.grpo import (TokenLogProb, group_advantages, grpo_loss, prompt_batch, token_logprobs,
                             zero_variance_groups)
 from harmo_min.rollout import sample

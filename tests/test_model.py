@@ -3,7 +3,9 @@
 import pytest
 import torch
 
-from harmo_min.data import encode_prompts, synthetic_examples
+from harmo_min.data import encode_prompts
+
+from harmo_min.synthetic import synthetic_examples
 from harmo_min.model import build_tiny, eos_token_ids, load_policy
 
 

@@ -13,7 +13,9 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-from harmo_min.data import COLOURS, DataError, Example, load_preference_jsonl, synthetic_examples, synthetic_pairs
+from harmo_min.data import DataError, Example, load_preference_jsonl
+
+from harmo_min.synthetic import COLOURS, synthetic_examples, synthetic_pairs
 from harmo_min.model import build_tiny
 from harmo_min.reward_model import (RewardConfig, RewardModel, RewardOutput, bradley_terry, encode_pairs,
                                     encode_responses, last_token_index, load_scorer, preference_loss, split_pairs)

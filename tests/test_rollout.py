@@ -3,7 +3,9 @@
 import pytest
 import torch
 
-from harmo_min.data import Example, encode_prompts, synthetic_examples
+from harmo_min.data import Example, encode_prompts
+
+from harmo_min.synthetic import synthetic_examples
 from harmo_min.model import placeholder_ids
 from harmo_min.rollout import sample
 

@@ -18,7 +18,8 @@ import torch
 
 import train
 from harmo_min import distributed as hdist
-from harmo_min.data import encode_prompts, synthetic_examples
+from harmo_min.data import encode_prompts
+from harmo_min.synthetic import synthetic_examples
 from harmo_min.grpo import prompt_batch
 from harmo_min.model import build_tiny
 from harmo_min.rollout import Rollout, sample
