@@ -1,16 +1,44 @@
-"""Built-in synthetic visual tasks: a toy world of coloured shapes, digits and sums drawn with PIL.
+"""The toy visual world: coloured shapes, digits and sums drawn with PIL; demonstrations; preference pairs.
 
-    examples = synthetic_examples(64, seed=0, kinds=("count", "colour"))      # list[data.Example]
-    pairs = synthetic_pairs(64, seed=0, kinds=("colour", "describe"))          # list[data.PreferencePair]
+    examples = synthetic_examples(64, seed=0, kinds=("count", "describe"))      # list[data.Example]
+    demos = synthetic_demonstrations(64, seed=0, kinds=("count", "choice"))     # list[(Example, response)]
+    pairs = synthetic_pairs(64, seed=0, kinds=("colour", "describe"))            # list[data.PreferencePair]
 
-Every task is deterministic for a seed (the same seed gives the same examples and pixels). Kinds: counting shapes,
-reading a number, adding two numbers, multiple-choice colour, the colour of one shape, and open-ended descriptions
-(with a `reference` listing what was drawn). `TASK_VOCABULARY` is everything the prompts and answers say: the tiny
-tokenizer (model.py) is trained on it.
+Every task is deterministic for a seed (the same seed gives the same examples, pixels, demonstrations and pairs).
 
-Synthetic preference pairs (for the reward-model stage): a correct, well-formatted answer beats a wrong one
-("correctness") or an unformatted one ("format"); a description of the shapes drawn beats one whose every object
-has a colour absent from the image, and half the time another shape ("faithfulness").
+**Tasks** (`TASK_KINDS`). Verifiable, checked by the rule verifier: `count` (how many circles / squares /
+triangles: 1-4 shapes of one kind, random colours, in the cells of a 2 x 2 grid), `digits` (read one bold digit,
+0-4), `arithmetic` (add two of them), `choice` (the colour of a shape, as an option letter (A)-(D) listed in one
+fixed order; constraint `answer_is_choice_letter`), `colour` (the colour word). Open, scored by a reward model:
+`describe` (one shape; constraint `max_words` 7, said in the prompt). Every example carries a `reference`: the
+notes a careful reader takes from the image, one item at a time (`count`: every cell in reading order, "red
+circle, empty, empty, blue circle"; `arithmetic`: "3 + 4"; `choice` / `colour`: "blue square"), or for `describe`
+the full description "The image shows a red circle on white.".
+
+**Demonstrations** (the supervised warm-up's data, `demonstration`): a response written the way an instruct
+model answers, in one of three styles:
+
+    reason       <think>{notes}</think><answer>{answer}</answer>      the notes do the work: the cells named one
+                                                                       by one before the count, each digit read
+                                                                       before the sum, the colour before its letter
+    direct       <think></think><answer>{answer}</answer>             a guess without reasoning (short, right
+                                                                       format: it can win a group now and then)
+    unformatted  {answer}                                             no tags: the format reward's job
+
+plus two instruction slips an instruct model makes: answering a multiple-choice item with the option's text
+("blue": correct, but not a letter) and describing verbosely ("The image shows a red circle on white.", 8
+words) instead of briefly ("a red circle"). The share of each is a warm-up setting.
+
+**Preference pairs** (the reward-model stage's data, `synthetic_pairs`), responses in the demonstrations' style:
+"correctness" (verifiable kinds): the right answer beats a wrong one whose notes misread the image and reason
+consistently from there (only the image tells them apart);
+"format": the right answer in tags beats the same answer without them; "faithfulness" (`describe`): the
+description beats one whose object has a colour absent from the image, and half the time another shape;
+"helpfulness" (`describe`): the description beats one that leaves out the colour or the shape, or answers another
+task ("a square", "3").
+
+`TASK_VOCABULARY` is everything prompts and responses say: the tiny tokenizer (model.py) is trained on it, so
+colour and shape words are single tokens. Left out: overlapping shapes, real fonts, more than one image per item.
 """
 
 from __future__ import annotations
@@ -26,86 +54,93 @@ from harmo_min.data import FORMAT_INSTRUCTIONS, Example, PreferencePair
 COLOURS = {"red": (220, 30, 30), "green": (30, 170, 60), "blue": (30, 60, 220), "yellow": (235, 200, 20)}
 SHAPES = ("circle", "square", "triangle")
 TASK_KINDS = ("count", "digits", "arithmetic", "choice", "colour", "describe")
+STYLES = ("reason", "direct", "unformatted")
+# Digits drawn for `digits` and `arithmetic`: five glyphs and 25 sums are what the tiny model learns to read and
+# add within a warm-up of seconds; with 0-9 it read neither digit of a sum right 80 % of the time after 600 steps.
+DIGITS = range(5)
+DESCRIBE_MAX_WORDS = 7  # the brief description fits (3 words: "a red circle"); the verbose one does not (8)
 
-# Words the synthetic prompts and answers use; the tiny tokenizer is trained on them (model.py).
+_OBJECTS = [f"{c} {s}" for c in COLOURS for s in SHAPES]
+# Words the synthetic prompts and responses use; the tiny tokenizer is trained on them (model.py). Whole phrases,
+# so that byte-pair merges make " red", " circle", " shows" single tokens.
 TASK_VOCABULARY = (
     [f"How many {s}s are in the image?" for s in SHAPES]
     + ["What number is written in the image?", "What is the sum of the two numbers in the image?",
        "What colour is the shape?", "What colour is the shape in the image? Options:", "Describe the image.",
-       "Answer in at most 20 words.", "Answer with the option letter.", "The image shows a", "and a", "on white.",
-       "Reply with the answer only.", "(A) (B) (C) (D) A B C D", "The answer is", "\\boxed{}"]
+       f"Describe the image in at most {DESCRIBE_MAX_WORDS} words.", "Answer with the option letter.",
+       "Answer in at most 20 words.", "The image shows a", "and a", "on white.", "Reply with the answer only.",
+       "(A) (B) (C) (D) A B C D", "The answer is", "\\boxed{}"]
     + list(FORMAT_INSTRUCTIONS.values())
-    + [f"{c} {s}" for c in COLOURS for s in SHAPES] + [f"{c}" for c in COLOURS] + [f"{s}s" for s in SHAPES]
+    + _OBJECTS + list(COLOURS) + [f"{s}s" for s in SHAPES]
+    + [f"The image shows a {a} and a {b} on white." for a in _OBJECTS for b in _OBJECTS[::2]]
+    + [f"a {a}, a {b}, a {c}" for a, b, c in zip(_OBJECTS, _OBJECTS[4:] + _OBJECTS[:4], _OBJECTS[7:] + _OBJECTS[:7])]
+    + [f"{a}, {b}, {c}" for a, b, c in zip(_OBJECTS, _OBJECTS[5:] + _OBJECTS[:5], _OBJECTS[2:] + _OBJECTS[:2])]
+    + [f"{a}, empty, {b}, empty" for a in _OBJECTS for b in _OBJECTS[::3]]
+    + [f"{a} + {b}" for a in range(10) for b in range(10)] + [" ".join(str(i) for i in range(20))]
 )
 
 
-def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, box: tuple[int, int, int, int], colour) -> None:
-    x0, y0, x1, y1 = box
-    if shape == "circle":
-        draw.ellipse(box, fill=colour)
-    elif shape == "square":
-        draw.rectangle(box, fill=colour)
-    else:
-        draw.polygon([((x0 + x1) // 2, y0), (x1, y1), (x0, y1)], fill=colour)
-
-
-def _scatter(rng: random.Random, n: int, size: int, cell: int) -> list[tuple[int, int, int, int]]:
-    # Non-overlapping cells of a grid, so every shape stays countable.
-    per_row = size // cell
-    cells = rng.sample(range(per_row * per_row), n)
-    pad = cell // 6
-    return [((c % per_row) * cell + pad, (c // per_row) * cell + pad,
-             (c % per_row + 1) * cell - pad, (c // per_row + 1) * cell - pad) for c in cells]
-
-
-def _canvas(size: int) -> tuple[Image.Image, ImageDraw.ImageDraw]:
-    image = Image.new("RGB", (size, size), (255, 255, 255))
-    return image, ImageDraw.Draw(image)
-
+# ---------------------------------------------------------------------------------------------------------------
+# Tasks
+# ---------------------------------------------------------------------------------------------------------------
 
 def make_example(kind: str, rng: random.Random, index: int, *, size: int = 112) -> Example:
-    """One synthetic example of `kind` (one of TASK_KINDS), drawn from `rng`."""
+    """One synthetic example of `kind` (one of TASK_KINDS), drawn from `rng`; `reference` holds the notes."""
     uid = f"{kind}-{index}"
     if kind == "count":
-        shape, n = rng.choice(SHAPES), rng.randint(1, 5)
+        # 1-4 shapes of one kind in the cells of a 2 x 2 grid; the notes name every cell in reading order.
+        shape, n = rng.choice(SHAPES), rng.randint(1, 4)
         image, draw = _canvas(size)
-        for box in _scatter(rng, n, size, size // 3):
-            _draw_shape(draw, shape, box, rng.choice(list(COLOURS.values())))
-        return Example(uid, problem=f"How many {shape}s are in the image?", images=[image], answer=str(n))
+        filled = set(rng.sample(range(4), n))
+        named = []
+        for cell, box in enumerate(_grid(size, 2)):
+            if cell in filled:
+                colour = rng.choice(list(COLOURS))
+                _draw_shape(draw, shape, box, COLOURS[colour])
+                named.append(f"{colour} {shape}")
+            else:
+                named.append("empty")
+        return Example(uid, problem=f"How many {shape}s are in the image?", images=[image], answer=str(n),
+                       reference=", ".join(named))
     if kind in ("digits", "arithmetic"):
-        a, b = rng.randint(0, 9), rng.randint(0, 9)
+        a, b = rng.choice(DIGITS), rng.choice(DIGITS)
         image, draw = _canvas(size)
-        text = f"{a}" if kind == "digits" else f"{a}  {b}"
-        draw.text((size // 4, size // 3), text, fill=(0, 0, 0), font_size=size // 3)
+        # Large and bold: a thin 37 px glyph is a few pixels of a 28 px visual token, which the tiny vision tower
+        # did not learn to read in 600 warm-up steps; one digit per half of the image is one it can.
+        for x, digit in ((0, a),) if kind == "digits" else ((0, a), (size // 2, b)):
+            draw.text((x + size // 10, size // 5), str(digit), fill=(0, 0, 0), font_size=size // 2,
+                      stroke_width=size // 28, stroke_fill=(0, 0, 0))
         if kind == "digits":
-            return Example(uid, problem="What number is written in the image?", images=[image], answer=str(a))
-        return Example(uid, problem="What is the sum of the two numbers in the image?", images=[image], answer=str(a + b))
+            return Example(uid, problem="What number is written in the image?", images=[image], answer=str(a),
+                           reference=str(a))
+        return Example(uid, problem="What is the sum of the two numbers in the image?", images=[image],
+                       answer=str(a + b), reference=f"{a} + {b}")
     if kind in ("choice", "colour"):
         colour, shape = rng.choice(list(COLOURS)), rng.choice(SHAPES)
         image, draw = _canvas(size)
         _draw_shape(draw, shape, (size // 8, size // 8, size - size // 8, size - size // 8), COLOURS[colour])
         if kind == "colour":
-            return Example(uid, problem="What colour is the shape?", images=[image], answer=colour)
+            return Example(uid, problem="What colour is the shape?", images=[image], answer=colour,
+                           reference=f"{colour} {shape}")
+        # Options in one fixed order: with shuffled options the letter is a lookup in the prompt (an induction
+        # head) that the 2-layer tiny model had not learned after 600 warm-up steps (accuracy 0.26, chance 0.25,
+        # while it named the colour right every time).
         options = list(COLOURS)
-        rng.shuffle(options)
-        letters = "ABCD"
-        listed = " ".join(f"({letters[i]}) {o}" for i, o in enumerate(options))
+        listed = " ".join(f"({'ABCD'[i]}) {o}" for i, o in enumerate(options))
         return Example(
-            uid, problem=f"What colour is the shape in the image? Options: {listed}", images=[image],
-            answer=letters[options.index(colour)], choices=options,
-            constraints=[{"kind": "answer_is_choice_letter"}],
+            uid, problem=f"What colour is the shape in the image? Options: {listed} Answer with the option letter.",
+            images=[image], answer="ABCD"[options.index(colour)], choices=options,
+            constraints=[{"kind": "answer_is_choice_letter"}], reference=f"{colour} {shape}",
         )
     if kind == "describe":
-        n = rng.randint(1, 3)
+        # One shape: with two or three the warm-up policy named them right about a fifth of the time and the
+        # tiny reward model could not tell its near misses from faithful descriptions (correlation 0.19).
+        colour, shape = rng.choice(list(COLOURS)), rng.choice(SHAPES)
         image, draw = _canvas(size)
-        drawn = []
-        for box in _scatter(rng, n, size, size // 2):
-            colour, shape = rng.choice(list(COLOURS)), rng.choice(SHAPES)
-            _draw_shape(draw, shape, box, COLOURS[colour])
-            drawn.append(f"a {colour} {shape}")
-        reference = "The image shows " + " and ".join(drawn) + " on white."
-        return Example(uid, problem="Describe the image.", images=[image], reference=reference,
-                       constraints=[{"kind": "max_words", "value": 20}])
+        _draw_shape(draw, shape, (size // 8, size // 8, size - size // 8, size - size // 8), COLOURS[colour])
+        reference = f"The image shows a {colour} {shape} on white."
+        return Example(uid, problem=f"Describe the image in at most {DESCRIBE_MAX_WORDS} words.", images=[image],
+                       reference=reference, constraints=[{"kind": "max_words", "value": DESCRIBE_MAX_WORDS}])
     raise ValueError(f"unknown synthetic task kind {kind!r}; expected one of {TASK_KINDS}")
 
 
@@ -118,19 +153,125 @@ def synthetic_examples(n: int, *, seed: int = 0, kinds: tuple[str, ...] = TASK_K
     return [make_example(kinds[i % len(kinds)], rng, i, size=size) for i in range(n)]
 
 
+def kind_of(example: Example) -> str:
+    """The task kind of a synthetic example (its id is "<kind>-<index>")."""
+    kind = example.id.split("-")[0]
+    if kind not in TASK_KINDS:
+        raise ValueError(f"example {example.id!r} is not a synthetic example (ids are <kind>-<index>)")
+    return kind
+
+
+def described_objects(text: str) -> list[tuple[str, str]]:
+    """The (colour, shape) pairs a description names, in order: "a red circle, a blue square" -> 2 objects."""
+    pattern = rf"\b({'|'.join(COLOURS)}) ({'|'.join(SHAPES)})\b"
+    return re.findall(pattern, text)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Demonstrations (warm-up data)
+# ---------------------------------------------------------------------------------------------------------------
+
+def notes(example: Example) -> str:
+    """The reasoning of a `reason` demonstration: what the image shows, one item at a time."""
+    if kind_of(example) == "describe":
+        return ", ".join(f"{c} {s}" for c, s in described_objects(example.reference))
+    return example.reference
+
+
+def final_answer(example: Example, *, choice_text: bool = False, verbose: bool = False) -> str:
+    """The answer block's content. `choice_text`: the option's colour instead of its letter (still correct for the
+    verifier, against the item's instruction). `verbose`: the full description instead of the brief one."""
+    if kind_of(example) == "describe":
+        if verbose:
+            return example.reference
+        return ", ".join(f"a {c} {s}" for c, s in described_objects(example.reference))
+    if choice_text and example.choices:
+        return example.choices["ABCD".index(example.answer)]
+    return example.answer
+
+
+def demonstration(example: Example, style: str = "reason", **answer_kw) -> str:
+    """One response to `example` in `style` (see the module docstring); `answer_kw` go to `final_answer`."""
+    answer = final_answer(example, **answer_kw)
+    if style == "reason":
+        return f"<think>{notes(example)}</think><answer>{answer}</answer>"
+    if style == "direct":
+        return f"<think></think><answer>{answer}</answer>"
+    if style == "unformatted":
+        return answer
+    raise ValueError(f"demonstration style: unknown {style!r}; expected one of {STYLES}")
+
+
+def synthetic_demonstrations(n: int, *, seed: int = 0, kinds: Sequence[str] = TASK_KINDS, size: int = 112,
+                             styles: dict[str, float] | None = None, choice_text: float = 0.0,
+                             verbose: float = 0.0) -> list[tuple[Example, str]]:
+    """`n` (example, response) pairs over `synthetic_examples(n, seed, kinds)`; deterministic for a seed.
+
+    `styles` gives each style's share (normalised; default all `reason`); `choice_text` and `verbose` are the
+    chances of the two instruction slips on the items they apply to.
+    """
+    styles = styles or {"reason": 1.0}
+    unknown = [s for s in styles if s not in STYLES]
+    if unknown or any(not isinstance(w, (int, float)) or w < 0 for w in styles.values()) or sum(styles.values()) <= 0:
+        raise ValueError(f"data.styles: need non-negative shares of {list(STYLES)} with a positive sum, got {styles}")
+    for key, p in (("choice_text", choice_text), ("verbose", verbose)):
+        if not 0 <= p <= 1:
+            raise ValueError(f"data.{key}: must be a probability in [0, 1], got {p!r}")
+    rng = random.Random(seed + 2)  # the examples use `seed`, the pairs seed + 1: three independent streams
+    names, weights = list(styles), list(styles.values())
+    demos = []
+    for ex in synthetic_examples(n, seed=seed, kinds=tuple(kinds), size=size):
+        style = rng.choices(names, weights)[0]
+        slips = {"choice_text": rng.random() < choice_text, "verbose": rng.random() < verbose}
+        demos.append((ex, demonstration(ex, style, **slips)))
+    return demos
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Preference pairs (reward-model data)
+# ---------------------------------------------------------------------------------------------------------------
+
 # Wrong answers stay inside each task's range, so no pair can be told apart by an out-of-range number alone.
-_ANSWER_RANGES = {"count": [str(i) for i in range(1, 6)], "digits": [str(i) for i in range(10)],
-                  "arithmetic": [str(i) for i in range(19)], "colour": list(COLOURS), "choice": list("ABCD")}
-SYNTHETIC_ASPECTS = ("correctness", "format", "faithfulness")
+_ANSWER_RANGES = {"count": [str(i) for i in range(1, 5)], "digits": [str(i) for i in DIGITS],
+                  "arithmetic": [str(i) for i in range(2 * max(DIGITS) + 1)], "colour": list(COLOURS), "choice": list("ABCD")}
+SYNTHETIC_ASPECTS = ("correctness", "format", "faithfulness", "helpfulness")
 
 
-def format_answer(text: str, answer_format: str | None) -> str:
-    """A response in the requested format, with a fixed reasoning stub (pairs differ only where they should)."""
+def format_answer(text: str, answer_format: str | None, reasoning: str = "") -> str:
+    """A response in the requested format (think_answer: with `reasoning` as its notes)."""
     if answer_format == "think_answer":
-        return f"<think>The image shows the answer.</think><answer>{text}</answer>"
+        return f"<think>{reasoning}</think><answer>{text}</answer>"
     if answer_format == "boxed":
-        return f"The answer is \\boxed{{{text}}}."
+        return f"{reasoning} The answer is \\boxed{{{text}}}.".strip()
     return text
+
+
+def _misread(example: Example, rng: random.Random) -> tuple[str, str]:
+    # (notes, answer) of a reader who got the image wrong but reasoned consistently from there.
+    kind = kind_of(example)
+    if kind == "count":
+        cells = example.reference.split(", ")
+        shape = next(c for c in cells if c != "empty").split()[1]
+        n = int(example.answer)
+        wrong = rng.choice([k for k in range(1, 5) if k != n])
+        filled = [i for i, c in enumerate(cells) if c != "empty"]
+        empty = [i for i, c in enumerate(cells) if c == "empty"]
+        for i in rng.sample(empty, wrong - n) if wrong > n else []:
+            cells[i] = f"{rng.choice(list(COLOURS))} {shape}"
+        for i in rng.sample(filled, n - wrong) if wrong < n else []:
+            cells[i] = "empty"
+        return ", ".join(cells), str(wrong)
+    if kind == "arithmetic":
+        a, b = (int(x) for x in example.reference.split(" + "))
+        b2 = rng.choice([d for d in DIGITS if d != b])
+        return (f"{a} + {b2}", str(a + b2)) if rng.random() < 0.5 else (f"{b2} + {b}", str(b2 + b))
+    if kind in ("choice", "colour"):
+        colour, shape = example.reference.split()
+        other = rng.choice([c for c in COLOURS if c != colour])
+        answer = other if kind == "colour" else "ABCD"[example.choices.index(other)]
+        return f"{other} {shape}", answer
+    wrong = rng.choice([a for a in _ANSWER_RANGES[kind] if a != example.answer])
+    return wrong, wrong  # digits: the digit read is the answer
 
 
 def _misdescribe(reference: str, rng: random.Random) -> str:
@@ -144,24 +285,76 @@ def _misdescribe(reference: str, rng: random.Random) -> str:
     return "The image shows " + " and ".join(f"a {c} {s}" for c, s in wrong) + " on white."
 
 
+def _unhelpful(example: Example, rng: random.Random) -> str:
+    # A description that is not wrong but does not describe: the colour or the shape left out, or an answer to
+    # another task. Without such pairs the reward model scored "<answer>a</answer>" and "The image shows a square"
+    # like faithful descriptions, and GRPO found them within 100 steps.
+    (colour, shape), = described_objects(example.reference)
+    return rng.choice([f"a {shape}", f"a {colour}", f"The image shows a {shape} on white.", "a", "The image shows",
+                       str(rng.randint(1, 4)), rng.choice("ABCD"), "empty"])
+
+
 def synthetic_pairs(n: int, *, seed: int = 0, kinds: Sequence[str] = ("colour", "describe"),
                     answer_format: str | None = "think_answer") -> list[PreferencePair]:
-    """`n` preference pairs over `data.synthetic_examples(n, seed, kinds)`; deterministic for a seed.
+    """`n` preference pairs over `synthetic_examples(n, seed, kinds)`; deterministic for a seed.
 
-    Verifiable kinds: the correct formatted answer beats a wrong formatted one ("correctness") or, half of the
-    time when the format has tags, the correct answer without them ("format"). "describe": the reference beats a
-    description naming colours absent from the image ("faithfulness"). Both sides of a pair use the same format.
+    Responses are written like the warm-up's `reason` demonstrations (notes, then the answer), so the reward model
+    is trained on text that looks like the policy's. Verifiable kinds: the right answer beats a wrong one that comes
+    from notes misreading the image ("correctness") or, half of the time
+    when the format has tags, the same answer without them ("format"). "describe": the description (brief or
+    verbose, at random) beats one naming a colour absent from the image ("faithfulness") or, half of the time, one
+    that leaves out the colour or the shape or answers another task ("helpfulness"). Both sides of a pair share
+    the format and the notes or description style.
     """
-    rng = random.Random(seed + 1)  # the examples use `seed`; the pair choices must not replay the same stream
+    rng = random.Random(seed + 1)  # the examples use `seed`: the pair choices must not replay the same stream
     pairs = []
     for ex in synthetic_examples(n, seed=seed, kinds=tuple(kinds)):
-        if ex.reference is not None:
-            chosen, rejected = format_answer(ex.reference, answer_format), format_answer(_misdescribe(ex.reference, rng), answer_format)
-            aspect = "faithfulness"
+        if ex.task == "open":
+            verbose = rng.random() < 0.5
+            chosen = format_answer(final_answer(ex, verbose=verbose), answer_format, notes(ex))
+            if rng.random() < 0.5:
+                wrong = _misdescribe(ex.reference, rng)
+                rejected_ex = Example(ex.id, problem=ex.problem, images=ex.images, reference=wrong)
+                rejected = format_answer(final_answer(rejected_ex, verbose=verbose), answer_format, notes(rejected_ex))
+                aspect = "faithfulness"
+            else:
+                rejected, aspect = format_answer(_unhelpful(ex, rng), answer_format, notes(ex)), "helpfulness"
         elif answer_format in ("think_answer", "boxed") and rng.random() < 0.5:
-            chosen, rejected, aspect = format_answer(ex.answer, answer_format), f"The answer is {ex.answer}", "format"
+            chosen = format_answer(ex.answer, answer_format, notes(ex))
+            rejected, aspect = f"The answer is {ex.answer}", "format"
         else:
-            wrong = rng.choice([a for a in _ANSWER_RANGES[ex.id.split("-")[0]] if a != ex.answer])
-            chosen, rejected, aspect = format_answer(ex.answer, answer_format), format_answer(wrong, answer_format), "correctness"
+            # Consistent notes on both sides: with "right notes, wrong answer" pairs as well, the tiny reward model
+            # learned the text-only shortcut (answer agrees with notes) and stayed at chance on the rest (0.79).
+            wrong_notes, wrong = _misread(ex, rng)
+            chosen = format_answer(ex.answer, answer_format, notes(ex))
+            rejected, aspect = format_answer(wrong, answer_format, wrong_notes), "correctness"
         pairs.append(PreferencePair(id=ex.id, example=ex, chosen=chosen, rejected=rejected, aspect=aspect))
     return pairs
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Drawing helpers
+# ---------------------------------------------------------------------------------------------------------------
+
+def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, box: tuple[int, int, int, int], colour) -> None:
+    x0, y0, x1, y1 = box
+    if shape == "circle":
+        draw.ellipse(box, fill=colour)
+    elif shape == "square":
+        draw.rectangle(box, fill=colour)
+    else:
+        draw.polygon([((x0 + x1) // 2, y0), (x1, y1), (x0, y1)], fill=colour)
+
+
+def _grid(size: int, per_row: int) -> list[tuple[int, int, int, int]]:
+    # The boxes of a per_row x per_row grid in reading order (rows top to bottom, then left to right), padded so
+    # that shapes in neighbouring cells never touch: every shape stays countable.
+    cell = size // per_row
+    pad = cell // 6
+    return [(c % per_row * cell + pad, c // per_row * cell + pad, (c % per_row + 1) * cell - pad,
+             (c // per_row + 1) * cell - pad) for c in range(per_row * per_row)]
+
+
+def _canvas(size: int) -> tuple[Image.Image, ImageDraw.ImageDraw]:
+    image = Image.new("RGB", (size, size), (255, 255, 255))
+    return image, ImageDraw.Draw(image)
