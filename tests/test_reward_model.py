@@ -224,7 +224,7 @@ def test_loading_errors_name_the_problem(tmp_path):
 def test_synthetic_pairs_are_deterministic_and_well_formed():
     a, b = synthetic_pairs(24, seed=5, kinds=("colour", "count", "describe")), synthetic_pairs(24, seed=5, kinds=("colour", "count", "describe"))
     assert [(p.chosen, p.rejected, p.aspect) for p in a] == [(p.chosen, p.rejected, p.aspect) for p in b]
-    assert {p.aspect for p in a} == {"correctness", "format", "faithfulness"}
+    assert {p.aspect for p in a} == {"correctness", "format", "faithfulness", "helpfulness"}
     for p in a:
         assert p.chosen != p.rejected
         if p.aspect == "format":
@@ -233,6 +233,8 @@ def test_synthetic_pairs_are_deterministic_and_well_formed():
             drawn = set(re.findall(r"a (\w+) \w+", p.example.reference))
             named = set(re.findall(r"a (\w+) \w+", p.rejected))
             assert named and not named & drawn and named <= set(COLOURS)
+        if p.aspect == "helpfulness":  # the rejected answer names no whole object (a colour and a shape)
+            assert "<answer>" in p.rejected and not re.search(rf"({'|'.join(COLOURS)}) \w", p.rejected.split("<answer>")[1])
     assert all(p.aspect == "correctness" for p in synthetic_pairs(6, seed=0, kinds=("colour",), answer_format="bare"))
 
 
