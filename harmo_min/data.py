@@ -102,7 +102,8 @@ FORMAT_INSTRUCTIONS = {
 }
 
 # Larger images are downscaled once at load. 2048 x 2048 is the cap EasyR1 and verl apply before Qwen2.5-VL's
-# processor; uncapped, a 10000 x 10000 image made each step ~20x slower and took 1.8 GB more memory.
+# processor. Uncapped, a 10000 x 10000 image made every step that drew it ~20x slower and 1.8 GB larger (issue
+# #11; benchmarks/bench_data.py measures it).
 MAX_IMAGE_PIXELS = 2048 * 2048
 
 # Table columns each field is read from by default, first present wins (see the module docstring).
@@ -616,7 +617,8 @@ class ImageCheck:
         fmt = im.format
         if fmt == "JPEG":
             im.draft("RGB", target)  # decode at 1/2, 1/4 or 1/8 scale: a 100 M pixel JPEG in a fraction of the time
-        small = im.convert("RGB").resize(target, Image.Resampling.BICUBIC, reducing_gap=3.0)
+        rgb = im if im.mode == "RGB" else im.convert("RGB")  # no copy of a 300 MB bitmap when it is RGB already
+        small = rgb.resize(target, Image.Resampling.BICUBIC, reducing_gap=3.0)
         buffer = io.BytesIO()
         if fmt == "JPEG":
             small.save(buffer, "JPEG", quality=95)

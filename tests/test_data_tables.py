@@ -249,6 +249,7 @@ def test_field_mapping_is_for_tables_only(tmp_path):
     ("$\\boxed{\\frac{3}{4}}$", "\\frac{3}{4}"),
     ("<think>it is seven</think><answer>7</answer>", "7"),
     ("Angle A is 40°.\nAngle B is 60°.\nSo the answer is \\boxed{80^\\circ}.", "80^\\circ"),
+    ("First 5 + 7 = 12,\nso the answer is $\\boxed{12}$.", "12"),  # the README's example
     ("The sides are 3 and 4.\nThe answer is 5.", "5"),
     ("Answer: B", "B"),
     ("$x^2 + 1$", "x^2 + 1"),
