@@ -324,7 +324,8 @@ def load_benchmark(spec: str, *, limit: int | None = None, check_images: bool = 
                    synthetic_seed: int = SYNTHETIC_SEED) -> Benchmark:
     """Load every item of one `--data` spec (see the module docstring); the first `limit` items if given.
 
-    `fields` maps columns for the `dataset` format (as `data.fields` does in training).
+    `fields` maps columns for the `dataset` format (as `data.fields` does in training); other formats have fixed
+    fields and ignore it (`load_benchmarks` refuses it when no benchmark is a `dataset`).
     """
     name, fmt, raw_path = parse_spec(spec)
     if fmt == "synthetic":
@@ -340,8 +341,6 @@ def load_benchmark(spec: str, *, limit: int | None = None, check_images: bool = 
         fmt = fmt or detect_format(records[0][2], records[0][0])
     if fmt in ("jsonl", "dataset"):
         return _training_format(name, fmt, raw_path, limit, check_images, max_image_pixels, fields)
-    if fields:
-        raise DataError(f"--field: maps the columns of the 'dataset' format, and {spec} is read as {fmt}")
     check = ImageCheck(max_image_pixels, decode=check_images)
     bench_name = name or DISPLAY_NAMES[fmt]
     items, seen = [], {}
@@ -365,8 +364,6 @@ def _training_format(name: str | None, fmt: str, raw_path: str, limit: int | Non
     if fmt == "jsonl":
         if path.suffix != ".jsonl":
             raise DataError(f"{path}: looks like the project's own format, which is JSON Lines in a .jsonl file")
-        if fields:
-            raise DataError(f"--field: maps table columns; {path} is the project's JSONL, which uses its own names")
         examples = load_jsonl(path, check_images=check_images, max_image_pixels=max_image_pixels)[:limit]
     elif is_table(raw_path):
         examples = load_table(raw_path, fields=fields, check_images=check_images, max_image_pixels=max_image_pixels,
@@ -416,6 +413,9 @@ def _synthetic(name: str | None, rest: str, limit: int | None, seed: int) -> Ben
 def load_benchmarks(specs: list[str], **kwargs) -> list[Benchmark]:
     """Load several specs; two benchmarks may not share a name (their rows would mix in the results)."""
     benches = [load_benchmark(s, **kwargs) for s in specs]
+    if kwargs.get("fields") and not any(b.format == "dataset" for b in benches):
+        raise DataError(f"--field maps the columns of 'dataset' tables, and no --data is one "
+                        f"(formats: {', '.join(b.format for b in benches)})")
     names = [b.name for b in benches]
     for b in benches:
         if names.count(b.name) > 1:

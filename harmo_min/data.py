@@ -362,12 +362,13 @@ def table_files(source: str | os.PathLike) -> list[Path]:
         if not path.is_dir():
             raise DataError(f"{path}: no such file or folder")
         if (path / "dataset_dict.json").is_file():
-            splits = json.loads(read_text(path / "dataset_dict.json")).get("splits", [])
+            splits = _read_json(path / "dataset_dict.json").get("splits", [])
             raise DataError(f"{path}: a DatasetDict saved with save_to_disk, splits {splits}: give one split's folder, "
                             f"e.g. {path / (splits[0] if splits else 'train')}")
         if (path / "state.json").is_file():  # datasets.save_to_disk: state.json lists the arrow shards in order
-            state = json.loads(read_text(path / "state.json"))
-            files = [path / entry["filename"] for entry in state.get("_data_files", [])]
+            state = _read_json(path / "state.json")
+            files = [path / entry["filename"] for entry in state.get("_data_files", [])
+                     if isinstance(entry, dict) and isinstance(entry.get("filename"), str)]
             missing = [f.name for f in files if not f.is_file()]
             if not files or missing:
                 raise DataError(f"{path}/state.json: names no data files, or missing ones: {missing}")
@@ -377,6 +378,16 @@ def table_files(source: str | os.PathLike) -> list[Path]:
             raise DataError(f"{path}: no .parquet or .arrow files in this folder")
     _check_shards(files, str(source))
     return files
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        value = json.loads(read_text(path))
+    except json.JSONDecodeError as err:
+        raise DataError(f"{path}: not valid JSON ({err.msg} at line {err.lineno}, column {err.colno})") from None
+    if not isinstance(value, dict):
+        raise DataError(f"{path}: expected a JSON object, got {type(value).__name__}")
+    return value
 
 
 def _check_shards(files: list[Path], source: str) -> None:

@@ -397,3 +397,50 @@ def test_convert_command_line(tmp_path):
                          cwd=Path(__file__).resolve().parents[1], timeout=120)
     assert bad.returncode == 1 and "python -m harmo_min.data: error: " in bad.stderr
     assert "no column for 'problem' (looked for problem, question)" in bad.stderr
+
+
+def _not_a_table(folder: Path, kind: str) -> Path:
+    """Something given as data.train that is not a readable table."""
+    if kind == "garbage .parquet":
+        (folder / "junk.parquet").write_bytes(b"PAR1 not really")
+        return folder / "junk.parquet"
+    if kind == "garbage .arrow":
+        (folder / "junk.arrow").write_bytes(b"\0" * 20)
+        return folder / "junk.arrow"
+    if kind == "broken state.json":
+        (folder / "state.json").write_text("{oops")
+    elif kind == "state.json naming a missing shard":
+        (folder / "state.json").write_text('{"_data_files": [{"filename": "gone.arrow"}]}')
+    elif kind == "a text file":
+        (folder / "notes.txt").write_text("hi")
+        return folder / "notes.txt"
+    elif kind == "nothing there":
+        return folder / "absent"
+    return folder
+
+
+@pytest.mark.parametrize("kind,message", [
+    ("garbage .parquet", r"junk.parquet: not a readable parquet file \(Parquet magic bytes not found"),
+    ("garbage .arrow", r"junk.arrow: not a readable arrow file"),
+    ("broken state.json", r"state.json: not valid JSON \(Expecting property name"),
+    ("state.json naming a missing shard", r"state.json: names no data files, or missing ones: \['gone.arrow'\]"),
+    ("a text file", r"notes.txt: not a table file"),
+    ("an empty folder", r"no .parquet or .arrow files in this folder"),
+    ("nothing there", r"absent: no such file or folder"),
+])
+def test_what_is_not_a_table_is_named(tmp_path, kind, message):
+    with pytest.raises(DataError, match=message):
+        load_examples(_not_a_table(tmp_path, kind))
+
+
+def test_a_corrupt_page_inside_a_parquet_file_names_the_file_and_the_row(tmp_path):
+    rows = 2000
+    path = write_parquet(tmp_path / "mid.parquet", {"problem": [f"p{i}" * 50 for i in range(rows)],
+                                                    "answer": [str(i) for i in range(rows)]})
+    pq.write_table(pq.read_table(path), path, row_group_size=500, compression="snappy")
+    raw = bytearray(path.read_bytes())
+    for i in range(len(raw) // 2, len(raw) // 2 + 200):  # garbage in the middle: the footer still reads
+        raw[i] ^= 0x5A
+    path.write_bytes(bytes(raw))
+    with pytest.raises(DataError, match=r"mid.parquet: unreadable after row \d+ \("):
+        load_examples(path, fields={"images": None})

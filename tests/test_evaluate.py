@@ -304,8 +304,9 @@ def test_a_training_table_is_the_dataset_format_read_by_the_training_loader(tmp_
                                                                                 ("m2", "a triangle", "verifiable")]
     renamed = load_benchmark(f"mm=dataset:{folder}/test-*.parquet", fields={"answer": None})
     assert renamed.name == "mm" and [i.category for i in renamed.items] == ["open", "open"]
-    with pytest.raises(DataError, match="--field: maps the columns of the 'dataset' format"):
-        load_benchmark(str(write_geometry3k(tmp_path)), fields={"answer": "x"})
+    with pytest.raises(DataError, match=r"--field maps the columns of 'dataset' tables, and no --data is one "
+                                        r"\(formats: geometry3k\)"):
+        load_benchmarks([str(write_geometry3k(tmp_path))], fields={"answer": "x"})
 
 
 # ---------------------------------------------------------------------------------------------------------------
