@@ -9,7 +9,9 @@
 Prompts are built and encoded exactly as in training (`data.encode_prompts` with --format), answers are sampled
 with the training sampler (`rollout.sample`; greedy unless --temperature > 0) and checked by the training
 verifier (`verifier.verify_batch`). Benchmark formats and the `--data [NAME=][FORMAT:]PATH` spec: see
-harmo_min/bench_data.py (MathVista testmini, MathVerse, Geometry3K, the project's JSONL, built-in synthetic).
+harmo_min/bench_data.py (MathVista testmini, MathVerse, Geometry3K, the project's JSONL, a training table through
+the training loader, built-in synthetic), as JSON, JSONL or the hub's parquet. Every image is decoded before a
+model loads; larger than --max-image-pixels, it is downscaled once at load, as in training.
 
 Metrics, per benchmark and per category. Item i has n responses (--n, 1 when greedy), c_i of them correct:
     accuracy   mean@n = mean_i c_i / n                          (greedy: plain accuracy)
@@ -56,7 +58,8 @@ from typing import Any, Callable
 import torch
 
 from harmo_min.bench_data import Benchmark, BenchItem, load_benchmarks
-from harmo_min.data import FORMAT_INSTRUCTIONS, DataError, encode_prompts
+from harmo_min.data import (FORMAT_INSTRUCTIONS, MAX_IMAGE_PIXELS, DataError, encode_prompts, parse_field_overrides,
+                            read_text)
 from harmo_min.rewards import FORMATS as CHECKED_FORMATS, format_ok
 from harmo_min.rollout import sample
 from harmo_min.verifier import verify_batch
@@ -313,7 +316,7 @@ def read_metrics(path: Path) -> list[dict]:
     """The records of a metrics.jsonl; an unfinished last line (a run still writing) is skipped."""
     if not path.is_file():
         raise DataError(f"{path}: no such file (expected a run folder with metrics.jsonl, or the file itself)")
-    lines = path.read_text(encoding="utf-8").splitlines()
+    lines = read_text(path).split("\n")  # only "\n" ends a record (splitlines also splits at U+2028)
     records = []
     for lineno, line in enumerate(lines, start=1):
         if not line.strip():
@@ -402,7 +405,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--model", help="HF folder, cached hub id, or 'tiny' (build_tiny(--seed): the untrained start)")
     p.add_argument("--baseline", help="a second model answering the same items; gains are reported against it")
     p.add_argument("--data", action="append", default=[], metavar="[NAME=][FORMAT:]PATH",
-                   help="benchmark file (repeatable); FORMAT: mathvista, mathverse, geometry3k, jsonl, synthetic")
+                   help="benchmark file, parquet file/folder/glob or save_to_disk folder (repeatable); "
+                        "FORMAT: mathvista, mathverse, geometry3k, jsonl, dataset, synthetic")
+    p.add_argument("--field", action="append", default=[], metavar="FIELD=COLUMN",
+                   help="column for a field of the 'dataset' format (repeatable), as data.fields in training")
+    p.add_argument("--max-image-pixels", type=int, default=MAX_IMAGE_PIXELS,
+                   help=f"downscale larger images once at load [{MAX_IMAGE_PIXELS}, as in training]; 0: no cap")
     p.add_argument("--out", help="results JSON (with --plot: the PNG, default RUN/curves.png)")
     p.add_argument("--plot", metavar="RUN", help="draw RUN/metrics.jsonl's training curves instead of evaluating")
     p.add_argument("--format", default="think_answer", choices=list(FORMAT_INSTRUCTIONS),
@@ -427,6 +435,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error("--model and at least one --data are required (or --plot RUN)")
     if args.n < 1 or args.max_new_tokens < 1 or args.batch_size < 1 or (args.limit is not None and args.limit < 1):
         p.error("--n, --max-new-tokens, --batch-size and --limit must be >= 1")
+    if args.max_image_pixels < 0:
+        p.error("--max-image-pixels must be >= 0 (0: no cap)")
     if args.n > 1 and args.temperature == 0:
         p.error(f"--n {args.n} with greedy decoding gives {args.n} identical responses: add --temperature (e.g. 1.0)")
     args.ks = sorted(set(args.k)) if args.k else default_ks(args.n)
@@ -446,7 +456,9 @@ def main(argv: list[str] | None = None, *, generate_fn: Callable = generate) -> 
 
     from harmo_min import distributed as hdist
 
-    benches = load_benchmarks(args.data, limit=args.limit)  # every file checked before a model is loaded
+    # Every file and image checked before a model is loaded.
+    benches = load_benchmarks(args.data, limit=args.limit, max_image_pixels=args.max_image_pixels or None,
+                              fields=parse_field_overrides(args.field))
     owns_group = not tdist.is_initialized()
     dist = hdist.init_distributed()
     try:
