@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 
 from harmo_min.config import NOT_EMPTY, above, above_or_null, at_least, in_range, load_config, lr_schedule, one_of
-from harmo_min.data import FORMAT_INSTRUCTIONS, encode_prompts, iterate_batches, load_jsonl
+from harmo_min.data import FORMAT_INSTRUCTIONS, MAX_IMAGE_PIXELS, encode_prompts, iterate_batches, load_examples
 from harmo_min.distributed import (cleanup, export_hf, forward_only, gathered_params, init_distributed,
                                    load_latest_checkpoint, load_model_sharded, save_checkpoint)
 from harmo_min.grpo import (AGGREGATIONS, KL_ESTIMATORS, group_advantages, grpo_loss, kl_estimate, loss_normalizer,
@@ -58,7 +58,11 @@ GRPO_DEFAULTS = {
         "activation_checkpointing": False,  # recompute decoder layers in backward: long responses at 3B/7B
     },
     "data": {
-        "train": "synthetic",         # a JSONL file (see data.py) or "synthetic"
+        "train": "synthetic",         # "synthetic", a JSONL file, or a table: parquet file/folder/glob, .arrow,
+                                      # a datasets.save_to_disk folder (see data.py)
+        "fields": {},                 # table column per Example field (id, problem, answer, images); see data.py
+        "image_root": None,           # relative image paths start here (default: the data file's folder)
+        "max_image_pixels": MAX_IMAGE_PIXELS,  # larger images are downscaled once at load; null: no cap
         "kinds": ["count", "digits", "arithmetic", "choice", "colour", "describe"],  # synthetic task kinds
         "n_train": 1024,              # synthetic examples
         "image_size": 112,
@@ -95,7 +99,7 @@ GRPO_DEFAULTS = {
         "tensorboard": False, "wandb": False,
     },
 }
-OPEN_KEYS = ("reward", "data.kinds")
+OPEN_KEYS = ("reward", "data.kinds", "data.fields")
 RULES = {
     "model.path": NOT_EMPTY, "model.compute_dtype": one_of("auto", *DTYPES), "train.export_dtype": one_of(*DTYPES),
     "data.answer_format": one_of(*FORMAT_INSTRUCTIONS), "rollout.n": at_least(2), "rollout.max_new_tokens": at_least(1),
@@ -117,11 +121,13 @@ def check_config(cfg: dict, world_size: int) -> RewardConfig:
     return RewardConfig.from_dict(cfg["reward"]).resolve(cfg["rollout"]["max_new_tokens"])
 
 
-def load_examples(cfg: dict):
+def training_examples(cfg: dict, rank: int, world_size: int):
+    """The training set, validated (each rank fully decodes its share of the images) before any model loads."""
     d = cfg["data"]
     if d["train"] == "synthetic":
         return synthetic_examples(d["n_train"], seed=cfg["seed"], kinds=tuple(d["kinds"]), size=d["image_size"])
-    return load_jsonl(d["train"])
+    return load_examples(d["train"], fields=d["fields"], image_root=d["image_root"],
+                         max_image_pixels=d["max_image_pixels"], rank=rank, world_size=world_size)
 
 
 def groups_of(values: list, n: int) -> list[list]:
@@ -144,7 +150,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     run_dir = Path(cfg["run_dir"])
     earlier = check_run_dir(run_dir, resume=args.resume, overwrite=args.overwrite)
     prepare_paths(cfg, ("model", "reward_model"), world_size)
-    examples = load_examples(cfg)
+    examples = training_examples(cfg, int(os.environ.get("RANK", 0)), world_size)
     g, r, n, o = cfg["grpo"], cfg["rollout"], cfg["rollout"]["n"], cfg["optim"]
 
     world = init_distributed()

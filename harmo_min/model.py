@@ -250,17 +250,17 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 
 
 def load_model(path: str | os.PathLike, *, seed: int = 0, dtype: torch.dtype = torch.float32,
-               attn_implementation: str = "sdpa", weights: bool = True):
-    """(model, processor): `build_tiny(seed)` for path "tiny", else `load_policy(path)`. `weights=False` returns
-    (None, processor) without reading any weights (the FSDP ranks that receive their shards from rank 0)."""
+               device: str | torch.device = "cpu", attn_implementation: str = "sdpa", weights: bool = True):
+    """(model, processor) in eval mode: `build_tiny(seed)` for path "tiny", else `load_policy(path)`.
+    `weights=False` returns (None, processor) without reading any weights (FSDP ranks that receive their shards)."""
     if str(path) == "tiny":
         if not weights:
             return None, build_tiny_processor()
         model, processor = build_tiny(seed)
-        return model.to(dtype), processor
+        return model.to(dtype=dtype, device=device), processor
     if not weights:
         return None, ImageProcessor.from_pretrained(_resolve(path), local_files_only=True)
-    return load_policy(path, dtype=dtype, attn_implementation=attn_implementation)
+    return load_policy(path, dtype=dtype, device=device, attn_implementation=attn_implementation)
 
 
 def load_policy(
