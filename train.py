@@ -25,7 +25,6 @@ The reward-model stage is train_reward_model.py, the supervised warm-up warmup.p
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -34,7 +33,8 @@ from pathlib import Path
 
 import torch
 
-from harmo_min.config import NOT_EMPTY, above, above_or_null, at_least, in_range, load_config, lr_schedule, one_of
+from harmo_min.config import (NOT_EMPTY, above, above_or_null, at_least, in_range, load_config, lr_schedule, one_of,
+                              parse_run_args)
 from harmo_min.data import FORMAT_INSTRUCTIONS, MAX_IMAGE_PIXELS, encode_prompts, iterate_batches, load_examples
 from harmo_min.distributed import (cleanup, export_hf, forward_only, gathered_params, init_distributed,
                                    load_latest_checkpoint, load_model_sharded, save_checkpoint)
@@ -136,12 +136,7 @@ def groups_of(values: list, n: int) -> list[list]:
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", default="configs/tiny.yaml", help="YAML config (default: configs/tiny.yaml)")
-    parser.add_argument("--resume", action="store_true", help="continue from run_dir/checkpoints/latest")
-    parser.add_argument("--overwrite", action="store_true", help="delete an earlier run's files in run_dir first")
-    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. rollout.n=8 optim.lr=1e-6")
-    args = parser.parse_args(argv)
+    args = parse_run_args(argv, description=__doc__.split("\n\n")[0], default_config="configs/tiny.yaml")
 
     # ---- set-up: every check before any model loads ----------------------------------------------------------
     cfg = load_config(args.config, args.overrides, defaults=GRPO_DEFAULTS, open_keys=OPEN_KEYS, rules=RULES)

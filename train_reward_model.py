@@ -20,7 +20,6 @@ loading (every rank reads the backbone once before sharding).
 
 from __future__ import annotations
 
-import argparse
 import math
 import random
 import time
@@ -28,7 +27,8 @@ from pathlib import Path
 
 import torch
 
-from harmo_min.config import NOT_EMPTY, above, above_or_null, at_least, in_range, load_config, lr_schedule, one_of
+from harmo_min.config import (NOT_EMPTY, above, above_or_null, at_least, in_range, load_config, lr_schedule, one_of,
+                              parse_run_args)
 from harmo_min.data import FORMAT_INSTRUCTIONS, PreferencePair, iterate_batches, load_preference_jsonl
 from harmo_min.distributed import apply_fsdp, cleanup, init_distributed, load_latest_checkpoint, save_checkpoint
 from harmo_min.model import DTYPES, load_model, resolve_dtype
@@ -128,12 +128,7 @@ def evaluate(rm: RewardModel, pairs: list[PreferencePair], cfg: dict, world) -> 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
     """Train a reward model; return the final metrics (the last step's and the last evaluation's)."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", default="configs/reward_model_tiny.yaml", help="YAML config")
-    parser.add_argument("--resume", action="store_true", help="continue from run_dir/checkpoints/latest")
-    parser.add_argument("--overwrite", action="store_true", help="delete an earlier run's files in run_dir first")
-    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=1e-5 head.gate=prompt")
-    args = parser.parse_args(argv)
+    args = parse_run_args(argv, description=__doc__.split("\n\n")[0], default_config="configs/reward_model_tiny.yaml")
     cfg = load_config(args.config, args.overrides, defaults=REWARD_MODEL_DEFAULTS,
                       open_keys=("head.fixed_weights", "data.kinds"), rules=RULES)
     head_cfg = HeadConfig.from_dict(cfg["head"])

@@ -14,6 +14,7 @@ by `load_config` after the merge, so a bad value is named with its key before an
 
 from __future__ import annotations
 
+import argparse
 import copy
 import difflib
 import math
@@ -154,6 +155,20 @@ def load_config(path: str | os.PathLike | None, overrides: list[str], *, default
     cfg = merge(cfg, parse_overrides(overrides), open_keys=open_keys, where="command line: ")
     check_rules(cfg, rules or {})
     return cfg
+
+
+def parse_run_args(argv: list[str] | None, *, description: str, default_config: str,
+                   flags: dict[str, str] | None = None) -> argparse.Namespace:
+    """The command line every training script shares: --config FILE, --resume, --overwrite, dotted overrides, plus
+    `flags` ({"--plan": "help"}: more on/off switches)."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--config", default=default_config, help=f"YAML config (default: {default_config})")
+    parser.add_argument("--resume", action="store_true", help="continue from run_dir/checkpoints/latest")
+    parser.add_argument("--overwrite", action="store_true", help="delete an earlier run's files in run_dir first")
+    for flag, text in (flags or {}).items():
+        parser.add_argument(flag, action="store_true", help=text)
+    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. rollout.n=8 optim.lr=1e-6")
+    return parser.parse_args(argv)
 
 
 def lr_schedule(cfg: dict):
