@@ -131,7 +131,8 @@ def main() -> None:
     rng = random.Random(args.seed)
     items, groups, lengths, finish, scores = make_batch(rng, args.prompts, args.group, args.tokens,
                                                         args.max_new_tokens)
-    cfg = RewardConfig.from_dict({"weights": {"overlong": 1.0}, "overlong_buffer": 256}).resolve(args.max_new_tokens)
+    cfg = RewardConfig.from_dict({"weights": {"overlong": 1.0}, "overlong_buffer": 256}, answer_format="think_answer")
+    cfg = cfg.resolve(args.max_new_tokens)
     n = args.prompts * args.group
     kw = dict(lengths=lengths, finish_reasons=finish, model_scores=scores, cfg=cfg)
     chars = sum(len(r) for g in groups for r in g) / n
