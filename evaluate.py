@@ -57,7 +57,7 @@ import torch
 
 from harmo_min.bench_data import Benchmark, BenchItem, load_benchmarks
 from harmo_min.data import FORMAT_INSTRUCTIONS, DataError, encode_prompts
-from harmo_min.rewards import FORMATS as CHECKED_FORMATS, format_ok
+from harmo_min.rewards import CHECKED_FORMATS, format_ok
 from harmo_min.rollout import sample
 from harmo_min.verifier import verify_batch
 

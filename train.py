@@ -58,7 +58,7 @@ GRPO_DEFAULTS = {
         "answer_format": "think_answer",  # instruction appended to prompts: think_answer | boxed | bare
     },
     "rollout": {"n": 8, "max_new_tokens": 256, "temperature": 1.0, "top_p": 1.0, "top_k": 0},
-    "reward": {},                     # rewards.RewardConfig keys (weights, combine, format, min_confidence, ...)
+    "reward": {},                     # rewards.RewardConfig keys (weights, combine, min_confidence, plugins, ...)
     "reward_model": {"path": None, "batch_size": 16},  # a folder from `stage: reward_model` or Skywork-VL-Reward layout
     "grpo": {
         "prompts_per_step": 16,       # global: split evenly over ranks
@@ -107,7 +107,8 @@ def check_config(cfg: dict, world_size: int) -> RewardConfig:
         raise ValueError("rollout.n: GRPO needs at least 2 responses per prompt for a group baseline")
     if cfg["optim"]["schedule"] not in ("constant", "cosine"):
         raise ValueError(f"optim.schedule: expected constant or cosine, got {cfg['optim']['schedule']!r}")
-    return RewardConfig.from_dict(cfg["reward"]).resolve(r["max_new_tokens"])
+    reward = RewardConfig.from_dict(cfg["reward"], answer_format=cfg["data"]["answer_format"])
+    return reward.resolve(r["max_new_tokens"])
 
 
 def build_policy(cfg: dict, dist: hdist.Dist):

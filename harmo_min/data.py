@@ -32,7 +32,7 @@ from typing import Any, Iterator, Literal, Sequence
 
 from PIL import Image
 
-from harmo_min.rewards import validate_constraint
+from harmo_min.rewards import ANSWER_FORMATS, validate_constraint
 
 ImageLike = str | Image.Image
 
@@ -43,6 +43,7 @@ FORMAT_INSTRUCTIONS = {
     "boxed": "Reason step by step, then put the final answer in \\boxed{}.",
     "bare": "Reply with the answer only.",
 }
+assert tuple(FORMAT_INSTRUCTIONS) == ANSWER_FORMATS  # one list of answer formats: the reward's format check reads it
 
 class DataError(ValueError):
     """A malformed example or record; the message names the file, line and field."""
