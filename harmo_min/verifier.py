@@ -62,10 +62,9 @@ import re
 import signal
 import threading
 import time
-from collections import deque
 from dataclasses import dataclass
 from fractions import Fraction
-from multiprocessing.connection import Pipe, wait
+from multiprocessing.connection import Pipe
 from typing import Callable, Sequence
 
 import sympy
@@ -123,7 +122,7 @@ def verify_batch(items: Sequence[tuple[str, str, list[str] | None]], *, workers:
     """Verdicts for (response, gold[, choices]) items in input order. workers > 0 fans them out to that many
     persistent worker processes (started on first use, reused by later calls), each with its own sympy worker."""
     if workers <= 0 or len(items) <= 1:
-        return [_verify_item(item, timeout_s) for item in items]
+        return _verify_items((items, timeout_s))
     with _pool_lock:
         return _pool_map(list(items), workers, timeout_s)
 
@@ -850,13 +849,8 @@ def _sympy_job(job: tuple) -> tuple[str, object]:
 
 
 def _verify_items(job: tuple) -> list[Verdict]:
-    items, timeout_s = job
-    return [_verify_item(item, timeout_s) for item in items]
-
-
-def _verify_item(item: tuple, timeout_s: float) -> Verdict:
-    response, gold, *rest = item
-    return verify(response, gold, choices=rest[0] if rest else None, timeout_s=timeout_s)
+    items, timeout_s = job  # items: (response, gold) or (response, gold, choices)
+    return [verify(r, g, choices=rest[0] if rest else None, timeout_s=timeout_s) for r, g, *rest in items]
 
 
 _sympy: _Child | None = None  # this process's sympy worker
@@ -895,7 +889,7 @@ def _sympy_call(job: tuple, deadline: float) -> bool:
 
 
 def _pool_map(items: list, workers: int, timeout_s: float) -> list[Verdict]:
-    """verify_batch's parallel path (called under _pool_lock): chunks go to whichever worker is free."""
+    """verify_batch's parallel path (called under _pool_lock): one contiguous share of the items per worker."""
     global _pool
     keep = [child for child in _pool[:workers] if child.alive()]
     for child in set(_pool) - set(keep):
@@ -903,46 +897,32 @@ def _pool_map(items: list, workers: int, timeout_s: float) -> list[Verdict]:
     _pool = keep
     while len(_pool) < workers:  # one at a time: each fork sees (and closes its copies of) the ones before it
         _pool.append(_Child(_verify_items))
-    size = max(1, len(items) // (4 * workers))  # a few chunks per worker, so a slow chunk does not stall the rest
-    todo = deque(range(0, len(items), size))
-    out: list[Verdict | None] = [None] * len(items)
-    idle, busy = list(_pool), {}
-    hang_s = min(size * (timeout_s + 2.0) + 60.0, 1e6)  # far beyond any chunk's own bound: only a stuck worker
+    size = -(-len(items) // workers)
+    shares = [(child, items[k * size:(k + 1) * size]) for k, child in enumerate(_pool)]
+    hang_s = min(size * (timeout_s + 2.0) + 60.0, 1e6)  # far beyond a share's own bound: only a stuck worker
+    out: list[Verdict] = []
     try:
-        while todo or busy:
-            while todo and idle:
-                child, start = idle.pop(), todo.popleft()
-                child.conn.send((items[start:start + size], timeout_s))
-                busy[child.conn] = (child, start)
-            ready = wait(list(busy), timeout=hang_s)
-            if not ready:
-                raise TimeoutError(f"no worker answered within {hang_s:.0f} s")
-            for conn in ready:
-                child, start = busy.pop(conn)
-                verdicts = conn.recv()
-                out[start:start + len(verdicts)] = verdicts
-                idle.append(child)
+        for child, share in shares:
+            child.conn.send((share, timeout_s))
+        for child, share in shares:
+            if not child.conn.poll(hang_s):
+                raise TimeoutError(f"no answer within {hang_s:.0f} s")
+            out += child.conn.recv()
     except (EOFError, OSError) as e:  # a worker died (EOF, broken pipe) or hung (TimeoutError)
-        _shutdown_pool()
+        for child in _pool:
+            child.kill()
+        _pool = []
         raise RuntimeError(f"verify_batch: a worker process failed ({type(e).__name__}: {e}); "
                            "the pool was shut down and the next call starts a new one") from e
     return out
 
 
-def _shutdown_pool() -> None:
-    global _pool
-    for child in _pool:
-        child.kill()
-    _pool = []
-
-
 def _shutdown() -> None:
     """Kill this process's sympy worker and verify_batch pool (at exit; tests call it to start afresh)."""
-    global _sympy
-    if _sympy is not None:
-        _sympy.kill()
-        _sympy = None
-    _shutdown_pool()
+    global _sympy, _pool
+    for child in _pool + ([_sympy] if _sympy is not None else []):
+        child.kill()
+    _sympy, _pool = None, []
 
 
 def _forget_after_fork() -> None:
