@@ -9,9 +9,10 @@ max_new_tokens. Some items carry instruction constraints; every response has a r
 model is configured), so low-confidence verdicts can be routed to it.
 
 It times `score_batch` with the default config (all five aspects, overlong switched on) at workers=0 (serial)
-and workers=N (one verify_batch call fanned out to N processes), and `score_group` with precomputed verdicts
-(the combiner alone, without the verifier). Each figure is the median (and min) over --repeats runs after one
-warm-up batch (the verifier forks its sympy worker on first use).
+and workers=N (one verify_batch call fanned out to the persistent pool of N processes), `verify_batch` alone at
+both settings, and `score_group` with precomputed verdicts (the combiner alone, without the verifier). One warm-up
+call each first (it forks the sympy workers and the pool, which later calls reuse); then the rows take turns,
+--repeats rounds, so a change in the machine's load hits every row alike. Each figure is the median (and min).
 
     python benchmarks/bench_rewards.py                    # add --workers 4 on a machine with more cores
 """
@@ -107,14 +108,17 @@ def make_batch(rng: random.Random, prompts: int, group: int, tokens: int, max_ne
     return items, groups, lengths, finish, scores
 
 
-def timed(fn, repeats: int) -> tuple[float, float]:
-    fn()  # warm-up: the verifier forks its sympy worker on first use
-    runs = []
+def timed(rows: list[tuple[str, object]], repeats: int) -> dict[str, list[float]]:
+    """Seconds per call of each row; rows take turns so that load drift affects all of them alike."""
+    for _, fn in rows:
+        fn()  # warm-up: the verifier forks its sympy worker and pool on first use
+    runs: dict[str, list[float]] = {name: [] for name, _ in rows}
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        runs.append(time.perf_counter() - t0)
-    return statistics.median(runs), min(runs)
+        for name, fn in rows:
+            t0 = time.perf_counter()
+            fn()
+            runs[name].append(time.perf_counter() - t0)
+    return runs
 
 
 def main() -> None:
@@ -153,11 +157,19 @@ def main() -> None:
 
     rows = [("score_batch, workers=0 (serial)", lambda: score_batch(items, groups, workers=0, **kw)),
             (f"score_batch, workers={args.workers}", lambda: score_batch(items, groups, workers=args.workers, **kw)),
+            ("verify_batch, workers=0", lambda: verify_batch(verifiable, workers=0)),
+            (f"verify_batch, workers={args.workers}", lambda: verify_batch(verifiable, workers=args.workers)),
             ("combiner only (verdicts given)", combiner_only)]
+    runs = timed(rows, args.repeats)
     print(f"{'':34s} {'median ms/batch':>16s} {'min ms':>8s} {'us/response':>12s}")
-    for name, fn in rows:
-        med, best = timed(fn, args.repeats)
-        print(f"{name:34s} {med * 1e3:16.1f} {best * 1e3:8.1f} {med / n * 1e6:12.0f}")
+    for name, _ in rows:
+        med = statistics.median(runs[name])
+        print(f"{name:34s} {med * 1e3:16.1f} {min(runs[name]) * 1e3:8.1f} {med / n * 1e6:12.0f}")
+    for what in ("score_batch", "verify_batch"):
+        serial = statistics.median(runs[f"{what}, workers=0" + (" (serial)" if what == "score_batch" else "")])
+        parallel = statistics.median(runs[f"{what}, workers={args.workers}"])
+        print(f"{what}: workers={args.workers} takes {parallel / serial:.2f}x the serial time "
+              f"({len(verifiable)} checkable responses)")
 
 
 if __name__ == "__main__":

@@ -119,8 +119,9 @@ def verify(response: str, gold: str, *, choices: list[str] | None = None, timeou
 
 def verify_batch(items: Sequence[tuple[str, str, list[str] | None]], *, workers: int = 0,
                  timeout_s: float = 1.0) -> list[Verdict]:
-    """Verdicts for (response, gold[, choices]) items in input order. workers > 0 fans them out to that many
-    persistent worker processes (started on first use, reused by later calls), each with its own sympy worker."""
+    """Verdicts for (response, gold[, choices]) items in input order. workers > 0 shares them between this
+    process and that many persistent worker processes (started on first use, reused by later calls), each with
+    its own sympy worker."""
     if workers <= 0 or len(items) <= 1:
         return _verify_items((items, timeout_s))
     with _pool_lock:
@@ -138,13 +139,13 @@ def extract_answer(response: str) -> str | None:
     if "\\boxed" in text or "\\fbox" in text:
         return _tidy(last_boxed(text))
     phrase, bare = _phrase(text), text.strip()
-    one_line = len(bare) <= 40 and "\n" not in bare and "<answer>" not in bare.translate(_ASCII_LOWER)
+    one_line = len(bare) <= 40 and "\n" not in bare and "<answer>" not in _ascii_lower(bare)
     return _tidy(bare if phrase is None and one_line else phrase)  # a bare one-line reply ("5", "(B)") is an answer
 
 
 def answer_block(text: str) -> str | None:
     """Content of the last <answer>...</answer> block (tags in any case), or None when there is none."""
-    low = text.translate(_ASCII_LOWER)  # str.lower may change the length ("İ"), which would shift the indices
+    low = _ascii_lower(text)
     end = low.rfind("</answer>")
     start = low.rfind("<answer>", 0, end) if end >= 0 else -1
     return text[start + len("<answer>"):end] if start >= 0 else None
@@ -176,6 +177,11 @@ _NON_SPACE = re.compile(r"[^\s$]+")
 _LINE = re.compile(r"[^\n]*")
 _PHRASE = re.compile(r"(?:final answer|the (?:correct |final )?(?:answer|option|choice)|answer)"
                      r"[ \t]*(?:is\b|:|=)[ \t]*:?\s*", re.I)
+
+
+def _ascii_lower(s: str) -> str:
+    """A-Z to a-z, nothing else: str.lower may change the length ("İ"), which would shift tag indices."""
+    return s.lower() if s.isascii() else s.translate(_ASCII_LOWER)
 
 
 def _braced(s: str, i: int) -> tuple[str, int] | None:
@@ -889,21 +895,23 @@ def _sympy_call(job: tuple, deadline: float) -> bool:
 
 
 def _pool_map(items: list, workers: int, timeout_s: float) -> list[Verdict]:
-    """verify_batch's parallel path (called under _pool_lock): one contiguous share of the items per worker."""
+    """verify_batch's parallel path (called under _pool_lock): the items in workers + 1 contiguous shares, one
+    for each pool worker and the last for this process, which would otherwise sit idle waiting for them."""
     global _pool
-    keep = [child for child in _pool[:workers] if child.alive()]
-    for child in set(_pool) - set(keep):
+    dead = [child for child in _pool if not child.alive()]
+    for child in dead:
         child.kill()
-    _pool = keep
+    _pool = [child for child in _pool if child not in dead]  # a larger pool from an earlier call stays: no churn
     while len(_pool) < workers:  # one at a time: each fork sees (and closes its copies of) the ones before it
         _pool.append(_Child(_verify_items))
-    size = -(-len(items) // workers)
-    shares = [(child, items[k * size:(k + 1) * size]) for k, child in enumerate(_pool)]
+    size = -(-len(items) // (workers + 1))
+    shares = [(child, items[k * size:(k + 1) * size]) for k, child in enumerate(_pool[:workers])]
     hang_s = min(size * (timeout_s + 2.0) + 60.0, 1e6)  # far beyond a share's own bound: only a stuck worker
     out: list[Verdict] = []
     try:
         for child, share in shares:
             child.conn.send((share, timeout_s))
+        own = _verify_items((items[workers * size:], timeout_s))
         for child, share in shares:
             if not child.conn.poll(hang_s):
                 raise TimeoutError(f"no answer within {hang_s:.0f} s")
@@ -914,7 +922,7 @@ def _pool_map(items: list, workers: int, timeout_s: float) -> list[Verdict]:
         _pool = []
         raise RuntimeError(f"verify_batch: a worker process failed ({type(e).__name__}: {e}); "
                            "the pool was shut down and the next call starts a new one") from e
-    return out
+    return out + own
 
 
 def _shutdown() -> None:
