@@ -44,10 +44,11 @@ whitespace or braces) and the size guards come first, so the pure-Python stages 
 (which multiprocessing.Pool workers and daemon processes may use; multiprocessing.Process they may not) and
 reused (one pipe round trip, ~0.05 ms). The caller waits at most `timeout_s`, then SIGKILLs it (which stops
 even a C-level big-integer loop, unlike signal.alarm) and the next call forks a fresh one. Threads share the
-worker under a lock; waiting for it counts against their timeout. `verify_batch(workers=N)` keeps N forked
-processes alive across calls (started lazily, replaced when one dies, never shared with a forked child,
-killed at exit); each has its own sympy worker. A bug hit by hostile text becomes reason "error"; only OSError
-(the machine cannot fork or pipe) propagates, since that says nothing about the text. Needs os.fork (POSIX).
+worker under a lock; waiting for it counts against their timeout. `verify_batch(workers=N)` shares a batch
+between the caller and N forked processes kept alive across calls (started lazily, replaced when one dies,
+never shared with a forked child, killed at exit), each with its own sympy worker. A bug hit by hostile text
+becomes reason "error". What propagates says nothing about the text: OSError (the machine cannot fork or pipe)
+and RuntimeError from verify_batch when a pool worker dies or stops answering. Needs os.fork (POSIX).
 
 Left out: matrices, \pm, unit conversion (0.5 m vs 50 cm), degrees vs radians, ratios (1:2), intervals vs
 inequalities (`x > 3` vs `(3, \infty)`), log base conventions (log is natural), number words beyond twelve.
