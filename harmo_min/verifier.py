@@ -874,24 +874,27 @@ def _sympy_call(job: tuple, deadline: float) -> bool:
 
     if left() <= 0 or not _sympy_lock.acquire(timeout=left()):
         raise _Fail("timeout")
+    res = None
     try:
         if _sympy is None or not _sympy.alive():
             if _sympy is not None:
                 _sympy.kill()
-            _sympy = _Child(_sympy_job)
+                _sympy = None
+            _sympy = _Child(_sympy_job)  # an OSError here (cannot fork) propagates: no verdict on the text
         try:
             _sympy.conn.send(job)
             res = _sympy.conn.recv() if _sympy.conn.poll(left()) else None
         except (EOFError, OSError):
             res = ("fail", "dead")  # it died on this job
-        if res is None or res == ("fail", "dead"):
-            _sympy.kill()  # hung or died: the next call forks a fresh one
-            _sympy = None
-            raise _Fail("timeout" if res is None else "error")
     finally:
+        if _sympy is not None and res in (None, ("fail", "dead")):  # hung, died, or we were interrupted (Ctrl-C)
+            _sympy.kill()  # between send and recv: its pipe may hold this job's answer, never read it as the next's
+            _sympy = None
         _sympy_lock.release()
+    if res is None:
+        raise _Fail("timeout")
     if res[0] == "fail":
-        raise _Fail(res[1])
+        raise _Fail("error" if res[1] == "dead" else res[1])
     return res[1]
 
 
@@ -909,6 +912,7 @@ def _pool_map(items: list, workers: int, timeout_s: float) -> list[Verdict]:
     shares = [(child, items[k * size:(k + 1) * size]) for k, child in enumerate(_pool[:workers])]
     hang_s = min(size * (timeout_s + 2.0) + 60.0, 1e6)  # far beyond a share's own bound: only a stuck worker
     out: list[Verdict] = []
+    done = False
     try:
         for child, share in shares:
             child.conn.send((share, timeout_s))
@@ -917,12 +921,15 @@ def _pool_map(items: list, workers: int, timeout_s: float) -> list[Verdict]:
             if not child.conn.poll(hang_s):
                 raise TimeoutError(f"no answer within {hang_s:.0f} s")
             out += child.conn.recv()
+        done = True
     except (EOFError, OSError) as e:  # a worker died (EOF, broken pipe) or hung (TimeoutError)
-        for child in _pool:
-            child.kill()
-        _pool = []
         raise RuntimeError(f"verify_batch: a worker process failed ({type(e).__name__}: {e}); "
                            "the pool was shut down and the next call starts a new one") from e
+    finally:
+        if not done:  # failed or interrupted: a pipe may hold an unread answer, so no worker is used again
+            for child in _pool:
+                child.kill()
+            _pool = []
     return out + own
 
 

@@ -150,8 +150,9 @@ def test_score_group_survives_fuzz_within_the_bound(answer_format):
         out = R.score_group(ex, responses, lengths=[rng.randrange(0, 600) for _ in group],
                             finish_reasons=[rng.choice(["eos", "length"]) for _ in group], model_scores=scores, cfg=cfg)
         dt = time.perf_counter() - t
-        assert all(math.isfinite(x) for x in out.total) and set(out.route) <= set(R.ROUTES), f"seed {SEED + 1} group {g}"
-        assert dt < BOUND_S * len(group), f"seed {SEED + 1} group {g} took {dt:.2f} s"
+        where = f"seed {SEED + 1} group {g}"
+        assert all(math.isfinite(x) for x in out.total) and set(out.route) <= set(R.ROUTES), where
+        assert dt < BOUND_S * len(group), f"{where} took {dt:.2f} s"
 
 
 def _identities(seed: int, n: int) -> list[tuple[str, str, None]]:

@@ -628,7 +628,8 @@ def test_inputs_the_trainer_builds_are_asserted(kw):
 
 def test_a_long_response_is_scored_in_bounded_time():
     # 16 KB with a run of spaces in the answer: 7 s in score_group when the verifier's regexes were quadratic.
-    constraints = [{"kind": "max_words", "value": 30}, {"kind": "answer_is_number"}, {"kind": "language", "value": "en"}]
+    constraints = [{"kind": "max_words", "value": 30}, {"kind": "answer_is_number"},
+                   {"kind": "language", "value": "en"}]
     responses = ["<think>" + "x " * 2000 + "</think><answer>4" + " " * 16_000 + "5</answer>",
                  "<think>" + " " * 16_000 + "</think><answer>" + "{" * 16_000 + "</answer>"]
     cfg = config({"weights": {"overlong": 1.0}, "overlong_max_len": 1000})

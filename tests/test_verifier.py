@@ -254,6 +254,37 @@ def test_dead_worker_is_replaced():
     assert verify("\\boxed{\\sqrt{3}^2}", "3").correct
 
 
+def test_an_interrupted_call_never_leaves_a_stale_answer(monkeypatch):
+    # Ctrl-C between sending a job and reading its answer leaves that answer in the pipe: the worker must go,
+    # or the next call would read it as its own verdict.
+    assert verify("\\boxed{x^2}", "x^2+0").reason == "symbolic"  # the worker is up
+    connection = type(verifier._sympy.conn)
+    real_poll = connection.poll
+
+    def interrupted(self, timeout=0.0):
+        monkeypatch.setattr(connection, "poll", real_poll)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(connection, "poll", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        verify("\\boxed{(x+1)^2}", "x^2+2x+1")  # its answer, True, was on its way
+    assert verify("\\boxed{(x+1)^2}", "x^2+2x+2") == Verdict(False, 1.0, "(x+1)^2", "symbolic")
+
+
+def test_an_interrupted_batch_never_leaves_a_stale_answer(monkeypatch):
+    right, wrong = [("\\boxed{2}", "2")] * 6, [("\\boxed{3}", "2")] * 6
+    assert all(v.correct for v in verify_batch(right, workers=2))  # the pool is up
+
+    def interrupted(job):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(verifier, "_verify_items", interrupted)  # this process's share; the workers got theirs
+    with pytest.raises(KeyboardInterrupt):
+        verify_batch(right, workers=2)
+    monkeypatch.undo()
+    assert [v.correct for v in verify_batch(wrong, workers=2)] == [False] * 6
+
+
 def test_slow_sympy_is_bounded():
     # passes every guard but makes sympy work hard: the bound must hold anyway
     expr = "*".join(f"(x+{k})" for k in range(1, 40))
