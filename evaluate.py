@@ -63,7 +63,7 @@ from harmo_min.data import (FORMAT_INSTRUCTIONS, MAX_IMAGE_PIXELS, DataError, en
                             read_text)
 from harmo_min.distributed import cleanup, init_distributed
 from harmo_min.model import load_model, resolve_dtype
-from harmo_min.rewards import FORMATS as CHECKED_FORMATS, format_ok
+from harmo_min.rewards import CHECKED_FORMATS, format_ok
 from harmo_min.rollout import sample
 from harmo_min.verifier import verify_batch
 

@@ -69,7 +69,7 @@ GRPO_DEFAULTS = {
         "answer_format": "think_answer",  # the prompt's instruction and the format reward: think_answer | boxed | bare
     },
     "rollout": {"n": 8, "max_new_tokens": 256, "temperature": 1.0, "top_p": 1.0, "top_k": 0},
-    "reward": {},                     # rewards.RewardConfig keys (weights, combine, min_confidence, ...)
+    "reward": {},                     # rewards.RewardConfig keys (weights, combine, min_confidence, plugins, ...)
     "reward_model": {
         "path": None,                 # a folder from train_reward_model.py, or a Skywork-VL-Reward folder
         "prepare": None,              # a command run first when `path` does not exist, as for model.prepare
@@ -118,7 +118,10 @@ def check_config(cfg: dict, world_size: int) -> RewardConfig:
     """What RULES cannot see (the world size, the reward section), before any model is loaded."""
     if cfg["grpo"]["prompts_per_step"] % world_size:
         raise ValueError(f"grpo.prompts_per_step={cfg['grpo']['prompts_per_step']} is not divisible by {world_size} ranks")
-    return RewardConfig.from_dict(cfg["reward"]).resolve(cfg["rollout"]["max_new_tokens"])
+    reward = RewardConfig.from_dict(cfg["reward"], answer_format=cfg["data"]["answer_format"])
+    if reward.accuracy_source == "model" and not cfg["reward_model"]["path"]:
+        raise ValueError("reward.accuracy_source: model scores every item with the reward model; set reward_model.path")
+    return reward.resolve(cfg["rollout"]["max_new_tokens"])
 
 
 def training_examples(cfg: dict, rank: int, world_size: int):
@@ -162,7 +165,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                                           attn_implementation=m["attn_implementation"])
         ref_model.requires_grad_(False)
     scorer = None
-    if cfg["reward_model"]["path"]:
+    if cfg["reward_model"]["path"] and reward_cfg.accuracy_source != "rule":  # rule-only runs no reward model
         scorer = load_scorer(cfg["reward_model"]["path"], world=world, batch_size=cfg["reward_model"]["batch_size"],
                              answer_format=cfg["data"]["answer_format"], dtype=compute_dtype)
     optimizer = torch.optim.AdamW(policy.parameters(), lr=o["lr"], betas=(o["beta1"], o["beta2"]),

@@ -88,7 +88,7 @@ from typing import Any, Iterator, Literal, Sequence
 
 from PIL import Image
 
-from harmo_min.rewards import validate_constraint
+from harmo_min.rewards import ANSWER_FORMATS, validate_constraint
 from harmo_min.verifier import extract_answer
 
 log = logging.getLogger("harmo_min.data")
@@ -100,6 +100,7 @@ FORMAT_INSTRUCTIONS = {
     "boxed": "Reason step by step, then put the final answer in \\boxed{}.",
     "bare": "Reply with the answer only.",
 }
+assert tuple(FORMAT_INSTRUCTIONS) == ANSWER_FORMATS  # one list of answer formats: the reward's format check reads it
 
 # Larger images are downscaled once at load. 2048 x 2048 is the cap EasyR1 and verl apply before Qwen2.5-VL's
 # processor. Uncapped, a 10000 x 10000 image made every step that drew it ~20x slower and 1.8 GB larger (issue
