@@ -59,6 +59,23 @@ def test_open_items_are_routed_to_a_configured_reward_model(tmp_path):
     assert 0.0 < last["reward/accuracy"] < 1.0 and "time/reward_model" in last  # sigmoid of real scores
 
 
+@pytest.mark.parametrize("source,expect", [("rule", {"rule": 12, "none": 20, "model": 0}),  # 3 colour, 5 describe
+                                           ("model", {"rule": 0, "none": 0, "model": 32})])
+def test_single_source_accuracy_ablations_route_every_response_as_configured(tmp_path, source, expect, monkeypatch):
+    from harmo_min.reward_model import HeadConfig, RewardModel
+
+    backbone, processor = build_tiny(seed=3)
+    RewardModel(backbone, processor, HeadConfig(aspects=["score"], gate="fixed")).save_pretrained(tmp_path / "rm")
+    if source == "rule":  # the paper's rule-only arm: the reward model is never loaded, open items get 0
+        monkeypatch.setattr(train, "load_scorer", lambda *a, **k: pytest.fail("rule-only loaded the reward model"))
+    _run(tmp_path / "run", "train.steps=1", f"reward_model.path={tmp_path / 'rm'}", "data.kinds=[colour, describe]",
+         "grpo.prompts_per_step=8", f"reward.accuracy_source={source}")
+    last = _metrics(tmp_path / "run")[-1]
+    assert {k: last[f"route/{k}"] for k in expect} == expect
+    with pytest.raises(ValueError, match="reward_model.path"):
+        _run(tmp_path / "bad", "reward.accuracy_source=model")
+
+
 @pytest.fixture
 def fixed_update(monkeypatch):
     """Greedy rollouts and advantages linspace(-1, 1): every step has a gradient, whatever the random policy says."""
