@@ -52,6 +52,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      set_model_state_dict, set_state_dict)
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from transformers import Qwen2_5_VLForConditionalGeneration
 
 from harmo_min.model import load_model
 
@@ -186,8 +187,6 @@ def load_model_sharded(path: str, world: World, *, seed: int = 0, dtype: torch.d
     `dtype` is the parameters' own dtype (float32 master weights for a policy; bf16 for a frozen reference);
     `compute_dtype` goes to `apply_fsdp`. `path` "tiny" is `build_tiny(seed)`.
     """
-    from transformers import Qwen2_5_VLForConditionalGeneration
-
     if world.size == 1:
         model, processor = load_model(path, seed=seed, dtype=dtype, attn_implementation=attn_implementation)
         return apply_fsdp(model.to(world.device), world, compute_dtype=compute_dtype), processor
