@@ -9,7 +9,7 @@
 Prompts are built and encoded exactly as in training (`data.encode_prompts` with --format), answers are sampled
 with the training sampler (`rollout.sample`; greedy unless --temperature > 0) and checked by the training
 verifier (`verifier.verify_batch`). Benchmark formats and the `--data [NAME=][FORMAT:]PATH` spec: see
-harmo_min/bench_data.py (MathVista testmini, MathVerse, Geometry3K, the project's JSONL, a training table through
+evaluate_data.py (MathVista testmini, MathVerse, Geometry3K, the project's JSONL, a training table through
 the training loader, built-in synthetic), as JSON, JSONL or the hub's parquet. Every image is decoded before a
 model loads; larger than --max-image-pixels, it is downscaled once at load, as in training.
 
@@ -58,7 +58,7 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 
-from harmo_min.bench_data import Benchmark, BenchItem, load_benchmarks
+from evaluate_data import Benchmark, BenchItem, load_benchmarks
 from harmo_min.data import (FORMAT_INSTRUCTIONS, MAX_IMAGE_PIXELS, DataError, encode_prompts, parse_field_overrides,
                             read_text)
 from harmo_min.distributed import cleanup, init_distributed

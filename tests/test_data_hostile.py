@@ -18,7 +18,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # evaluate.py is a script at the repo root
 
 import evaluate  # noqa: E402
-from harmo_min.bench_data import load_benchmark  # noqa: E402
+from evaluate_data import load_benchmark  # noqa: E402
 from harmo_min.data import DataError, load_images, load_jsonl  # noqa: E402
 
 

@@ -1,4 +1,4 @@
-"""evaluate.py and harmo_min/bench_data.py: loaders per format, metrics on known answers, the CLI end to end."""
+"""evaluate.py and evaluate_data.py: loaders per format, metrics on known answers, the CLI end to end."""
 
 import json
 import math
@@ -16,7 +16,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # evaluate.py is a script at the repo root
 
 import evaluate  # noqa: E402
-from harmo_min.bench_data import inline_choices, load_benchmark, load_benchmarks, parse_spec  # noqa: E402
+from evaluate_data import inline_choices, load_benchmark, load_benchmarks, parse_spec  # noqa: E402
 from harmo_min.data import DataError, EncodedImage, load_images  # noqa: E402
 
 

@@ -1,4 +1,7 @@
-"""Benchmark files -> `BenchItem`s: the project's `Example` plus the benchmark, a category and scoring hints.
+"""The benchmark files evaluate.py reads -> `BenchItem`s: an `Example` plus the benchmark, a category, scoring hints.
+
+Evaluation tooling beside evaluate.py, as nanochat keeps its tasks beside its package: the library (`harmo_min/`)
+holds what training needs.
 
     bench = load_benchmark("mathvista:data/MathVista/testmini.json")
     bench.name, bench.format, len(bench.items), bench.items[0].example.answer, bench.items[0].category
