@@ -9,7 +9,9 @@
 Prompts are built and encoded exactly as in training (`data.encode_prompts` with --format), answers are sampled
 with the training sampler (`rollout.sample`; greedy unless --temperature > 0) and checked by the training
 verifier (`verifier.verify_batch`). Benchmark formats and the `--data [NAME=][FORMAT:]PATH` spec: see
-harmo_min/bench_data.py (MathVista testmini, MathVerse, Geometry3K, the project's JSONL, built-in synthetic).
+evaluate_data.py (MathVista testmini, MathVerse, Geometry3K, the project's JSONL, a training table through
+the training loader, built-in synthetic), as JSON, JSONL or the hub's parquet. Every image is decoded before a
+model loads; larger than --max-image-pixels, it is downscaled once at load, as in training.
 
 Metrics, per benchmark and per category. Item i has n responses (--n, 1 when greedy), c_i of them correct:
     accuracy   mean@n = mean_i c_i / n                          (greedy: plain accuracy)
@@ -54,10 +56,14 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
+import torch.distributed as dist
 
-from harmo_min.bench_data import Benchmark, BenchItem, load_benchmarks
-from harmo_min.data import FORMAT_INSTRUCTIONS, DataError, encode_prompts
-from harmo_min.rewards import FORMATS as CHECKED_FORMATS, format_ok
+from evaluate_data import Benchmark, BenchItem, load_benchmarks
+from harmo_min.data import (FORMAT_INSTRUCTIONS, MAX_IMAGE_PIXELS, DataError, encode_prompts, parse_field_overrides,
+                            read_text)
+from harmo_min.distributed import cleanup, init_distributed
+from harmo_min.model import load_model, resolve_dtype
+from harmo_min.rewards import CHECKED_FORMATS, format_ok
 from harmo_min.rollout import sample
 from harmo_min.verifier import verify_batch
 
@@ -207,18 +213,6 @@ def markdown(results: dict) -> str:
 # Answering and scoring
 # ---------------------------------------------------------------------------------------------------------------
 
-def load_model(spec: str, *, seed: int, dtype: torch.dtype, device: torch.device):
-    """`tiny` = build_tiny(seed) (the untrained start of the tiny config); anything else via load_policy."""
-    from harmo_min.model import build_tiny, load_policy
-
-    if spec == "tiny":
-        model, processor = build_tiny(seed)
-        model = model.to(device=device, dtype=dtype)
-    else:
-        model, processor = load_policy(spec, dtype=dtype, device=device)
-    return model.eval(), processor
-
-
 def generate(model, processor, examples: list, *, args: argparse.Namespace, seed: int) -> list[dict]:
     """n responses per example with the training sampler: [{"texts", "lengths", "finish"}] in example order."""
     device = next(model.parameters()).device
@@ -254,18 +248,18 @@ def score_items(items: list[tuple[int, BenchItem]], answers: list[dict], *, fmt:
     return rows
 
 
-def evaluate_model(spec: str, benches: list[Benchmark], args: argparse.Namespace, dist, *,
+def evaluate_model(spec: str, benches: list[Benchmark], args: argparse.Namespace, world, *,
                    generate_fn: Callable = generate) -> tuple[list[dict], float]:
     """Answer and score this rank's share of the items; every rank returns all rows (gathered) and seconds."""
     from tqdm import tqdm
 
     start = time.perf_counter()
-    model, processor = load_model(spec, seed=args.seed, dtype=args.torch_dtype, device=dist.device)
+    model, processor = load_model(spec, seed=args.seed, dtype=args.torch_dtype, device=world.device)
     items = [(i, it) for i, it in enumerate(it for b in benches for it in b.items)]
-    mine = items[dist.rank::dist.world_size]
+    mine = items[world.rank::world.size]
     rows = []
-    with tqdm(total=len(mine), desc=f"{spec} (rank 0's share)" if dist.world_size > 1 else spec, unit="item",
-              disable=not dist.is_main, dynamic_ncols=True) as bar:
+    with tqdm(total=len(mine), desc=f"{spec} (rank 0's share)" if world.size > 1 else spec, unit="item",
+              disable=not world.is_main, dynamic_ncols=True) as bar:
         for lo in range(0, len(mine), args.batch_size):
             chunk = mine[lo:lo + args.batch_size]
             # One seed per batch, from its first item's global index: the baseline gets the same draws.
@@ -277,16 +271,14 @@ def evaluate_model(spec: str, benches: list[Benchmark], args: argparse.Namespace
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-    return gather(rows, dist), time.perf_counter() - start
+    return gather(rows, world), time.perf_counter() - start
 
 
-def gather(rows: list[dict], dist) -> list[dict]:
+def gather(rows: list[dict], world) -> list[dict]:
     """Every rank's rows on every rank, in global item order."""
-    if dist.world_size > 1:
-        import torch.distributed as tdist
-
-        shards: list[Any] = [None] * dist.world_size
-        tdist.all_gather_object(shards, rows)
+    if world.size > 1:
+        shards: list[Any] = [None] * world.size
+        dist.all_gather_object(shards, rows)
         rows = [r for shard in shards for r in shard]
     return sorted(rows, key=lambda r: r["index"])
 
@@ -313,7 +305,7 @@ def read_metrics(path: Path) -> list[dict]:
     """The records of a metrics.jsonl; an unfinished last line (a run still writing) is skipped."""
     if not path.is_file():
         raise DataError(f"{path}: no such file (expected a run folder with metrics.jsonl, or the file itself)")
-    lines = path.read_text(encoding="utf-8").splitlines()
+    lines = read_text(path).split("\n")  # only "\n" ends a record (splitlines also splits at U+2028)
     records = []
     for lineno, line in enumerate(lines, start=1):
         if not line.strip():
@@ -402,7 +394,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--model", help="HF folder, cached hub id, or 'tiny' (build_tiny(--seed): the untrained start)")
     p.add_argument("--baseline", help="a second model answering the same items; gains are reported against it")
     p.add_argument("--data", action="append", default=[], metavar="[NAME=][FORMAT:]PATH",
-                   help="benchmark file (repeatable); FORMAT: mathvista, mathverse, geometry3k, jsonl, synthetic")
+                   help="benchmark file, parquet file/folder/glob or save_to_disk folder (repeatable); "
+                        "FORMAT: mathvista, mathverse, geometry3k, jsonl, dataset, synthetic")
+    p.add_argument("--field", action="append", default=[], metavar="FIELD=COLUMN",
+                   help="column for a field of the 'dataset' format (repeatable), as data.fields in training")
+    p.add_argument("--max-image-pixels", type=int, default=MAX_IMAGE_PIXELS,
+                   help=f"downscale larger images once at load [{MAX_IMAGE_PIXELS}, as in training]; 0: no cap")
     p.add_argument("--out", help="results JSON (with --plot: the PNG, default RUN/curves.png)")
     p.add_argument("--plot", metavar="RUN", help="draw RUN/metrics.jsonl's training curves instead of evaluating")
     p.add_argument("--format", default="think_answer", choices=list(FORMAT_INSTRUCTIONS),
@@ -427,6 +424,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error("--model and at least one --data are required (or --plot RUN)")
     if args.n < 1 or args.max_new_tokens < 1 or args.batch_size < 1 or (args.limit is not None and args.limit < 1):
         p.error("--n, --max-new-tokens, --batch-size and --limit must be >= 1")
+    if args.max_image_pixels < 0:
+        p.error("--max-image-pixels must be >= 0 (0: no cap)")
     if args.n > 1 and args.temperature == 0:
         p.error(f"--n {args.n} with greedy decoding gives {args.n} identical responses: add --temperature (e.g. 1.0)")
     args.ks = sorted(set(args.k)) if args.k else default_ks(args.n)
@@ -442,20 +441,16 @@ def main(argv: list[str] | None = None, *, generate_fn: Callable = generate) -> 
         out = plot_run(args.plot, args.out)
         print(f"wrote {out}")
         return out
-    import torch.distributed as tdist
-
-    from harmo_min import distributed as hdist
-
-    benches = load_benchmarks(args.data, limit=args.limit)  # every file checked before a model is loaded
-    owns_group = not tdist.is_initialized()
-    dist = hdist.init_distributed()
+    # Every file and image checked before a model is loaded.
+    benches = load_benchmarks(args.data, limit=args.limit, max_image_pixels=args.max_image_pixels or None,
+                              fields=parse_field_overrides(args.field))
+    owns_group = not dist.is_initialized()
+    world = init_distributed()
     try:
-        cuda = dist.device.type == "cuda"
-        args.torch_dtype = {"auto": torch.bfloat16 if cuda else torch.float32, "float32": torch.float32,
-                            "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
+        args.torch_dtype = resolve_dtype(args.dtype, world.device)
         results: dict[str, Any] = {
             "config": {k: v for k, v in vars(args).items() if k not in ("torch_dtype", "k", "plot")}
-            | {"world_size": dist.world_size},
+            | {"world_size": world.size},
             "benchmarks": [{"name": b.name, "format": b.format, "path": b.path, "items": len(b.items)}
                            for b in benches],
         }
@@ -464,13 +459,13 @@ def main(argv: list[str] | None = None, *, generate_fn: Callable = generate) -> 
             if spec is None:
                 results[role] = None
                 continue
-            rows, seconds = evaluate_model(spec, benches, args, dist, generate_fn=generate_fn)
+            rows, seconds = evaluate_model(spec, benches, args, world, generate_fn=generate_fn)
             all_rows[role] = rows
             results[role] = {"name": spec, "seconds": seconds, **summarize_model(rows, benches, args.ks),
                              "items": rows}
         results["comparison"] = (compare(all_rows["model"], all_rows["baseline"], results["model"],
                                          results["baseline"]) if args.baseline else None)
-        if dist.is_main:
+        if world.is_main:
             print(markdown(results))
             if args.out:
                 Path(args.out).parent.mkdir(parents=True, exist_ok=True)
@@ -479,7 +474,7 @@ def main(argv: list[str] | None = None, *, generate_fn: Callable = generate) -> 
         return results
     finally:
         if owns_group:
-            hdist.cleanup()
+            cleanup()
 
 
 if __name__ == "__main__":

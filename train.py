@@ -1,387 +1,336 @@
-"""harmo_min training: GRPO with HARMO's hybrid + multi-aspect rewards, or a reward model (`stage: reward_model`).
+"""GRPO training with HARMO's hybrid + multi-aspect rewards for Qwen2.5-VL, one process per GPU under torchrun.
 
-    python train.py                                             # tiny CPU default: learns a toy visual task
-    torchrun --nproc_per_node 2 train.py --config configs/tiny.yaml
-    torchrun --nproc_per_node 8 train.py --config configs/qwen2_5_vl_3b.yaml rollout.n=8 reward.weights.length=0.5
-    python train.py --config configs/tiny.yaml --resume       # continue from run_dir/checkpoints/latest
+    python train.py                                                     # configs/tiny.yaml: the CPU showcase
+    torchrun --nproc_per_node 8 train.py --config configs/qwen2_5_vl_3b.yaml rollout.n=8
+    python train.py --config configs/tiny.yaml --resume                 # continue from run_dir's latest checkpoint
 
-One GRPO step, as the loop below reads:
-  1. prompts   each rank takes its slice of the step's global prompt batch and encodes it once (left padded)
-  2. rollout   n responses per prompt with the hand-written sampler, full parameters gathered for the phase
-  3. rewards   every aspect per response (rewards.py), reward-model scores for open items when configured
-  4. advantage A = R − group mean (grpo.py); groups with no accuracy variance optionally masked out
-  5. update    micro-batched forward/backward; the token normaliser is counted over all ranks first
-  6. step      grad clip, a collective finite check, optimizer + LR schedule
-  7. log       one console line, metrics.jsonl, sample rollouts, checkpoints; an HF export at the end
+One step, as the loop below reads:
+  1. prompts     each rank takes its slice of the step's global prompt batch and encodes it once (left padded)
+  2. rollout     n responses per prompt with the hand-written sampler, full parameters gathered for the phase
+  3. rewards     the reward model scores open (and low-confidence) items; every aspect per response (rewards.py)
+  4. reference   micro-batches of similar length; reference log-probs (kl_coef > 0) and, with several epochs,
+                 the old log-probs, without grad
+  5. advantage   A = R − group mean (grpo.py); groups without accuracy variance optionally masked out
+  6. update      forward/backward per micro-batch with the loss normaliser counted over all ranks first; grad clip;
+                 a collective finite check; optimizer and LR-schedule step
+  7. log         one console line, metrics.jsonl (every aspect, routes, phase times, peak memory), sample
+                 rollouts, checkpoints; an HF export at the end
 
-Every config key is listed in GRPO_DEFAULTS with its meaning; configs/*.yaml override them, `key.path=value`
-arguments override the file.
+Precision: master weights, gradients and AdamW state are float32 on every device; `model.compute_dtype` (bf16 on a
+GPU) is what FSDP2 casts the parameters to for forward and backward, with float32 gradient reduction
+(distributed.apply_fsdp). The reference and the reward model are frozen copies in the compute dtype.
+Every config key, its default and its meaning are in GRPO_DEFAULTS; RULES checks the values before anything loads.
+The reward-model stage is train_reward_model.py, the supervised warm-up warmup.py.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
-import sys
 import time
 from pathlib import Path
 
 import torch
-import yaml
 
-from harmo_min import distributed as hdist
-from harmo_min.config import load_config, lr_schedule
-from harmo_min.data import encode_prompts, iterate_batches, load_jsonl
-from harmo_min.synthetic import synthetic_examples
-from harmo_min.grpo import AGGREGATIONS, group_advantages, grpo_loss, prompt_batch, token_logprobs, zero_variance_groups
-from harmo_min.model import build_tiny, load_policy
+from harmo_min.config import (NOT_EMPTY, above, above_or_null, at_least, in_range, load_config, lr_schedule, one_of,
+                              parse_run_args)
+from harmo_min.data import FORMAT_INSTRUCTIONS, MAX_IMAGE_PIXELS, encode_prompts, iterate_batches, load_examples
+from harmo_min.distributed import (cleanup, export_hf, forward_only, gathered_params, init_distributed,
+                                   load_latest_checkpoint, load_model_sharded, save_checkpoint)
+from harmo_min.grpo import (AGGREGATIONS, KL_ESTIMATORS, group_advantages, grpo_loss, kl_estimate, loss_normalizer,
+                            micro_batches, token_logprobs, training_inputs, zero_variance_groups)
+from harmo_min.model import DTYPES, resolve_dtype
+from harmo_min.reward_model import load_scorer
 from harmo_min.rewards import RewardConfig, aspect_means, route_counts, score_batch
 from harmo_min.rollout import sample
+from harmo_min.synthetic import synthetic_examples
+from harmo_min.tracking import RunLog, check_run_dir, peak_memory_gb, prepare_paths, timed
 
 GRPO_DEFAULTS = {
-    "stage": "grpo",
     "run_dir": "runs/tiny",           # checkpoints, metrics.jsonl, samples/, the exported model
     "seed": 0,
     "model": {
         "path": "tiny",               # a local HF folder or cached hub id; "tiny" = build_tiny(seed) random weights
-        "dtype": "float32",           # parameter dtype: float32 on CPU; bfloat16 on GPU
+        "prepare": None,              # a command (e.g. "warmup.py --config X") run first when `path` does not exist
+        "compute_dtype": "auto",      # forward/backward dtype: auto = bfloat16 on GPU, float32 on CPU
         "attn_implementation": "sdpa",
         "activation_checkpointing": False,  # recompute decoder layers in backward: long responses at 3B/7B
     },
     "data": {
-        "train": "synthetic",         # a JSONL file (see data.py) or "synthetic"
+        "train": "synthetic",         # "synthetic", a JSONL file, or a table: parquet file/folder/glob, .arrow,
+                                      # a datasets.save_to_disk folder (see data.py)
+        "fields": {},                 # table column per Example field (id, problem, answer, images); see data.py
+        "image_root": None,           # relative image paths start here (default: the data file's folder)
+        "max_image_pixels": MAX_IMAGE_PIXELS,  # larger images are downscaled once at load; null: no cap
         "kinds": ["count", "digits", "arithmetic", "choice", "colour", "describe"],  # synthetic task kinds
         "n_train": 1024,              # synthetic examples
         "image_size": 112,
-        "answer_format": "think_answer",  # instruction appended to prompts: think_answer | boxed | bare
+        "answer_format": "think_answer",  # the prompt's instruction and the format reward: think_answer | boxed | bare
     },
     "rollout": {"n": 8, "max_new_tokens": 256, "temperature": 1.0, "top_p": 1.0, "top_k": 0},
-    "reward": {},                     # rewards.RewardConfig keys (weights, combine, format, min_confidence, ...)
-    "reward_model": {"path": None, "batch_size": 16},  # a folder from `stage: reward_model` or Skywork-VL-Reward layout
+    "reward": {},                     # rewards.RewardConfig keys (weights, combine, min_confidence, plugins, ...)
+    "reward_model": {
+        "path": None,                 # a folder from train_reward_model.py, or a Skywork-VL-Reward folder
+        "prepare": None,              # a command run first when `path` does not exist, as for model.prepare
+        "batch_size": 16,             # responses per scoring forward
+    },
     "grpo": {
         "prompts_per_step": 16,       # global: split evenly over ranks
         "micro_batch_size": 32,       # responses per forward/backward
         "epochs": 1,                  # updates per rollout batch (>1 stores old log-probs)
         "clip_low": 0.2, "clip_high": 0.28,
-        "kl_coef": 0.0,               # β of the k3 KL to a frozen reference (loaded only when > 0)
+        "kl_coef": 0.0,               # β; a frozen reference is loaded only when > 0
+        "kl_estimator": "k2",         # k1 | k2 | k3 in the loss: see grpo.py for the gradient each gives
+        "kl_in_reward": False,        # instead: R -= β Σ_t k1 before the advantage
         "aggregation": "token_mean",  # token_mean | seq_mean | constant (Dr. GRPO)
         "constant_divisor": None,     # C for `constant`; null = rollout.max_new_tokens
         "scale_std": False,           # divide advantages by the group std (original GRPO); HARMO does not
         "drop_zero_variance_groups": False,  # mask out groups whose accuracy is all equal (DAPO dynamic sampling)
     },
     "optim": {"lr": 1e-6, "weight_decay": 0.0, "beta1": 0.9, "beta2": 0.99, "warmup_steps": 0,
-              "schedule": "constant", "grad_clip": 1.0},
+              "schedule": "constant", "grad_clip": 1.0},  # grad_clip: max global grad norm, null = no clipping
     "train": {
         "steps": 100, "log_every": 1,
-        "save_every": 0,              # checkpoint every N steps (0: only at the end when export is on)
+        "save_every": 0,              # checkpoint every N steps (0: never)
         "sample_every": 10,           # write sample rollouts to run_dir/samples/ every N steps (0: never)
         "export": True,               # an HF folder at run_dir/final at the end
+        "export_dtype": "float32",    # its weights' dtype (bfloat16 halves a 3B export to ~7.5 GB)
         "tensorboard": False, "wandb": False,
     },
 }
-OPEN_KEYS = ("reward", "data.kinds")
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+OPEN_KEYS = ("reward", "data.kinds", "data.fields")
+RULES = {
+    "model.path": NOT_EMPTY, "model.compute_dtype": one_of("auto", *DTYPES), "train.export_dtype": one_of(*DTYPES),
+    "data.answer_format": one_of(*FORMAT_INSTRUCTIONS), "rollout.n": at_least(2), "rollout.max_new_tokens": at_least(1),
+    "rollout.temperature": at_least(0), "rollout.top_p": in_range(0, 1, low_open=True), "rollout.top_k": at_least(0),
+    "reward_model.batch_size": at_least(1), "grpo.prompts_per_step": at_least(1), "grpo.micro_batch_size": at_least(1),
+    "grpo.epochs": at_least(1), "grpo.clip_low": in_range(0, 1), "grpo.clip_high": at_least(0),
+    "grpo.kl_coef": at_least(0), "grpo.kl_estimator": one_of(*KL_ESTIMATORS), "grpo.aggregation": one_of(*AGGREGATIONS),
+    "grpo.constant_divisor": above_or_null(0), "optim.lr": above(0), "optim.weight_decay": at_least(0),
+    "optim.beta1": in_range(0, 1), "optim.beta2": in_range(0, 1), "optim.warmup_steps": at_least(0),
+    "optim.schedule": one_of("constant", "cosine"), "optim.grad_clip": above_or_null(0), "train.steps": at_least(1),
+    "train.log_every": at_least(1), "train.save_every": at_least(0), "train.sample_every": at_least(0),
+}
 
-
-# ---------------------------------------------------------------------------------------------------------------
-# Set-up
-# ---------------------------------------------------------------------------------------------------------------
 
 def check_config(cfg: dict, world_size: int) -> RewardConfig:
-    """Everything that can be wrong with a config, before any model is loaded."""
-    g, r = cfg["grpo"], cfg["rollout"]
-    if cfg["model"]["dtype"] not in DTYPES:
-        raise ValueError(f"model.dtype: unknown {cfg['model']['dtype']!r}; expected one of {list(DTYPES)}")
-    if g["aggregation"] not in AGGREGATIONS:
-        raise ValueError(f"grpo.aggregation: unknown {g['aggregation']!r}; expected one of {AGGREGATIONS}")
-    if g["prompts_per_step"] % world_size:
-        raise ValueError(f"grpo.prompts_per_step={g['prompts_per_step']} is not divisible by {world_size} ranks")
-    for key, value in [("rollout.n", r["n"]), ("rollout.max_new_tokens", r["max_new_tokens"]),
-                       ("grpo.micro_batch_size", g["micro_batch_size"]), ("grpo.epochs", g["epochs"]),
-                       ("train.steps", cfg["train"]["steps"])]:
-        if value < 1:
-            raise ValueError(f"{key}: must be >= 1, got {value}")
-    if r["n"] < 2:
-        raise ValueError("rollout.n: GRPO needs at least 2 responses per prompt for a group baseline")
-    if cfg["optim"]["schedule"] not in ("constant", "cosine"):
-        raise ValueError(f"optim.schedule: expected constant or cosine, got {cfg['optim']['schedule']!r}")
-    return RewardConfig.from_dict(cfg["reward"]).resolve(r["max_new_tokens"])
+    """What RULES cannot see (the world size, the reward section), before any model is loaded."""
+    if cfg["grpo"]["prompts_per_step"] % world_size:
+        raise ValueError(f"grpo.prompts_per_step={cfg['grpo']['prompts_per_step']} is not divisible by {world_size} ranks")
+    reward = RewardConfig.from_dict(cfg["reward"], answer_format=cfg["data"]["answer_format"])
+    if reward.accuracy_source == "model" and not cfg["reward_model"]["path"]:
+        raise ValueError("reward.accuracy_source: model scores every item with the reward model; set reward_model.path")
+    return reward.resolve(cfg["rollout"]["max_new_tokens"])
 
 
-def build_policy(cfg: dict, dist: hdist.Dist):
-    m = cfg["model"]
-    dtype = DTYPES[m["dtype"]]
-    if m["path"] == "tiny":
-        model, processor = build_tiny(seed=cfg["seed"])
-        model = model.to(dtype=dtype, device=dist.device)
-        model = hdist.apply_fsdp(model, dist, param_dtype=None)
-    else:
-        # Rank 0 reads the weights; the others receive their shards (never 8 host copies of the checkpoint).
-        model, processor = hdist.load_sharded_policy(m["path"], dist, dtype=dtype,
-                                                     attn_implementation=m["attn_implementation"])
-    if m["activation_checkpointing"]:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    return model, processor
-
-
-def load_examples(cfg: dict):
+def training_examples(cfg: dict, rank: int, world_size: int):
+    """The training set, validated (each rank fully decodes its share of the images) before any model loads."""
     d = cfg["data"]
     if d["train"] == "synthetic":
         return synthetic_examples(d["n_train"], seed=cfg["seed"], kinds=tuple(d["kinds"]), size=d["image_size"])
-    return load_jsonl(d["train"])
+    return load_examples(d["train"], fields=d["fields"], image_root=d["image_root"],
+                         max_image_pixels=d["max_image_pixels"], rank=rank, world_size=world_size)
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# The update
-# ---------------------------------------------------------------------------------------------------------------
-
-def grpo_update(policy, optimizer, prompts, rollout, advantages: torch.Tensor, loss_mask: torch.Tensor, cfg: dict,
-                dist: hdist.Dist, ref_model=None) -> dict[str, float]:
-    """Micro-batched GRPO update over this rank's rows; a collective (every rank calls it with the same row count)."""
-    g = cfg["grpo"]
-    temperature = cfg["rollout"]["temperature"] or 1.0  # greedy rollouts are scored at T = 1, as the sampler does
-    rows = rollout.response_ids.shape[0]
-    micro = [torch.arange(s, min(s + g["micro_batch_size"], rows)) for s in range(0, rows, g["micro_batch_size"])]
-
-    # The global normaliser, counted before any backward so every micro-batch's loss is its exact share.
-    counts = torch.tensor([loss_mask.sum(), (loss_mask.sum(-1) > 0).sum()], dtype=torch.float64)
-    hdist.all_reduce(counts)
-    divisor = g["constant_divisor"] or cfg["rollout"]["max_new_tokens"]
-    normalizer = {"token_mean": counts[0], "seq_mean": counts[1],
-                  "constant": counts[1] * divisor}[g["aggregation"]].clamp(min=1).item()
-
-    def logprobs(model, idx):  # (b, T) log-probs and entropies of micro-batch `idx`
-        return token_logprobs(model, prompts.rows(rollout.prompt_index[idx]), rollout.response_ids[idx],
-                              rollout.response_mask[idx], temperature=temperature)
-
-    old, ref = [None] * len(micro), [None] * len(micro)
-    with torch.no_grad():
-        if g["epochs"] > 1:
-            old = [logprobs(policy, idx)[0] for idx in micro]
-        if g["kl_coef"] > 0:
-            ref = [logprobs(ref_model, idx)[0] for idx in micro]
-
-    sums = {"loss": 0.0, "clip_frac": 0.0, "kl": 0.0, "ratio_mean": 0.0, "entropy": 0.0, "tokens": 0.0}
-    grad_norm = torch.tensor(0.0)
-    for _ in range(g["epochs"]):
-        for k, idx in enumerate(micro):
-            logp, entropy = logprobs(policy, idx)
-            loss, m = grpo_loss(logp, logp.detach() if old[k] is None else old[k], advantages[idx], loss_mask[idx],
-                                ref_logp=ref[k], clip_low=g["clip_low"], clip_high=g["clip_high"],
-                                kl_coef=g["kl_coef"], aggregation=g["aggregation"], normalizer=normalizer,
-                                world_size=dist.world_size)
-            loss.backward()
-            sums["loss"] += loss.item() / dist.world_size
-            sums["entropy"] += float((entropy.detach() * loss_mask[idx]).sum())
-            for key in ("clip_frac", "kl", "ratio_mean", "tokens"):
-                sums[key] += float(m[key])
-        grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg["optim"]["grad_clip"])
-        # A NaN on one rank reaches every rank through the gradient reduction, but decide collectively anyway:
-        # no rank may step (or skip) alone.
-        finite = hdist.all_true(bool(torch.isfinite(grad_norm)) and math.isfinite(sums["loss"]))
-        if finite:
-            optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-    reduced = torch.tensor([sums[k] for k in sums], dtype=torch.float64)
-    hdist.all_reduce(reduced)
-    total = dict(zip(sums, reduced.tolist()))
-    tokens = max(total["tokens"], 1.0)
-    return {"loss": total["loss"] / g["epochs"], "clip_frac": total["clip_frac"] / tokens, "kl": total["kl"] / tokens,
-            "ratio_mean": total["ratio_mean"] / tokens, "entropy": total["entropy"] / tokens,
-            "grad_norm": float(grad_norm), "skipped_step": 0.0 if finite else 1.0}
+def groups_of(values: list, n: int) -> list[list]:
+    """[a, b, c, d] -> [[a, b], [c, d]] for n = 2: one list per prompt, its n responses adjacent."""
+    return [list(values[i:i + n]) for i in range(0, len(values), n)]
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Logging helpers
-# ---------------------------------------------------------------------------------------------------------------
+def main(argv: list[str] | None = None) -> list[dict]:
+    args = parse_run_args(argv, description=__doc__.split("\n\n")[0], default_config="configs/tiny.yaml")
 
-def global_mean(values: dict[str, float], weight: float) -> dict[str, float]:
-    """Weighted mean over ranks of per-rank means (weight = this rank's row count)."""
-    keys = sorted(values)
-    t = torch.tensor([values[k] * weight for k in keys] + [weight], dtype=torch.float64)
-    hdist.all_reduce(t)
-    return {k: v / t[-1].item() for k, v in zip(keys, t[:-1].tolist())}
+    # ---- set-up: every check before any model loads ----------------------------------------------------------
+    cfg = load_config(args.config, args.overrides, defaults=GRPO_DEFAULTS, open_keys=OPEN_KEYS, rules=RULES)
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    reward_cfg = check_config(cfg, world_size)
+    run_dir = Path(cfg["run_dir"])
+    earlier = check_run_dir(run_dir, resume=args.resume, overwrite=args.overwrite)
+    prepare_paths(cfg, ("model", "reward_model"), world_size)
+    examples = training_examples(cfg, int(os.environ.get("RANK", 0)), world_size)
+    g, r, n, o = cfg["grpo"], cfg["rollout"], cfg["rollout"]["n"], cfg["optim"]
+
+    world = init_distributed()
+    torch.manual_seed(cfg["seed"])
+    compute_dtype = resolve_dtype(cfg["model"]["compute_dtype"], world.device)
+    m = cfg["model"]
+    policy, processor = load_model_sharded(m["path"], world, seed=cfg["seed"], dtype=torch.float32,
+                                           compute_dtype=compute_dtype, attn_implementation=m["attn_implementation"])
+    if m["activation_checkpointing"]:
+        policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    ref_model = None
+    if g["kl_coef"] > 0:
+        ref_model, _ = load_model_sharded(m["path"], world, seed=cfg["seed"], dtype=compute_dtype,
+                                          attn_implementation=m["attn_implementation"])
+        ref_model.requires_grad_(False)
+    scorer = None
+    if cfg["reward_model"]["path"] and reward_cfg.accuracy_source != "rule":  # rule-only runs no reward model
+        scorer = load_scorer(cfg["reward_model"]["path"], world=world, batch_size=cfg["reward_model"]["batch_size"],
+                             answer_format=cfg["data"]["answer_format"], dtype=compute_dtype)
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=o["lr"], betas=(o["beta1"], o["beta2"]),
+                                  weight_decay=o["weight_decay"])
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_schedule(cfg))
+    generator = torch.Generator(world.device).manual_seed(cfg["seed"] * 1_000_003 + world.rank)
+
+    start = 0
+    if args.resume:
+        state = load_latest_checkpoint(run_dir, model=policy, optimizer=optimizer, scheduler=scheduler)
+        if state is None:
+            raise FileNotFoundError(f"--resume: no checkpoint under {run_dir}/checkpoints")
+        start = state["step"]
+        generator.set_state(state["generator"])
+    log = RunLog(run_dir, world, cfg, resume_step=start if args.resume else None, overwrite=earlier)
+
+    per_rank = g["prompts_per_step"] // world.size
+    temperature = r["temperature"] or 1.0  # greedy rollouts are scored at T = 1, as the sampler does
+    batches = iterate_batches(examples, g["prompts_per_step"], seed=cfg["seed"], start=start)
+    history = []
+    for step in range(start, cfg["train"]["steps"]):
+        t0, times = time.perf_counter(), {}
+        # 1. prompts: this rank's slice of the global batch, encoded once for rollout and training
+        batch = next(batches)[world.rank * per_rank:(world.rank + 1) * per_rank]
+        prompts = encode_prompts(processor, batch, cfg["data"]["answer_format"]).to(world.device)
+
+        # 2. rollout with full parameters gathered for the phase (ranks may stop decoding at different steps)
+        with timed(times, "rollout", world.device):
+            policy.eval()
+            with gathered_params(policy):
+                rollout = sample(policy, prompts, n=n, max_new_tokens=r["max_new_tokens"], temperature=r["temperature"],
+                                 top_p=r["top_p"], top_k=r["top_k"], generator=generator, tokenizer=processor.tokenizer)
+            policy.train()
+
+        # 3. rewards: reward-model scores for open / low-confidence items, then every aspect of every response
+        lengths = rollout.lengths.tolist()
+        model_scores = None
+        if scorer is not None:
+            with timed(times, "reward_model", world.device):
+                scores = scorer.score([ex for ex in batch for _ in range(n)], rollout.texts)[1].tolist()
+            model_scores = groups_of(scores, n)
+        with timed(times, "rewards", world.device):
+            groups = score_batch(batch, groups_of(rollout.texts, n), lengths=groups_of(lengths, n),
+                                 finish_reasons=groups_of(rollout.finish_reason, n), model_scores=model_scores,
+                                 cfg=reward_cfg)
+
+        # 4. micro-batches of similar length; reference and old log-probs without grad
+        rows = micro_batches(rollout.prompt_index, rollout.lengths, g["micro_batch_size"])
+        inputs = [training_inputs(prompts, [len(ex.images) for ex in batch], rollout, idx) for idx in rows]
+        ref, old = [None] * len(rows), [None] * len(rows)
+        with timed(times, "reference", world.device):
+            if ref_model is not None:
+                with forward_only(ref_model):
+                    ref = [token_logprobs(ref_model, x, temperature=temperature)[0] for x in inputs]
+            if g["epochs"] > 1:
+                with forward_only(policy):
+                    old = [token_logprobs(policy, x, temperature=temperature)[0] for x in inputs]
+
+        # 5. advantages within each group; optionally mask groups with no accuracy signal
+        total = torch.tensor([x for grp in groups for x in grp.total], device=world.device)            # (B,)
+        accuracy = torch.tensor([x for grp in groups for x in grp.breakdown["accuracy"]], device=world.device)
+        if g["kl_in_reward"] and ref_model is not None:
+            for idx, x, ref_logp in zip(rows, inputs, ref):  # R -= β Σ_t k1, with the sampler's log-probs as log π
+                logp = rollout.logprobs[idx, :ref_logp.shape[1]]
+                total[idx] -= g["kl_coef"] * (kl_estimate(logp, ref_logp, "k1") * x["response_mask"]).sum(-1)
+        advantages = group_advantages(total, n, scale_std=g["scale_std"])                               # (B,)
+        loss_mask = rollout.response_mask.clone()                                                      # (B, T)
+        if g["drop_zero_variance_groups"]:
+            loss_mask[zero_variance_groups(accuracy, n).repeat_interleave(n)] = 0
+        normalizer = loss_normalizer(loss_mask, world, aggregation=g["aggregation"],
+                                     constant_divisor=g["constant_divisor"] or r["max_new_tokens"])
+
+        # 6. update: every micro-batch's loss is its share of the global loss; nothing to learn, no step
+        sums = dict.fromkeys(("loss", "clip_frac", "kl", "ratio_mean", "entropy", "tokens"), 0.0)
+        grad_norm, stepped = 0.0, False
+        for _ in range(g["epochs"] if normalizer > 0 else 0):
+            with timed(times, "update", world.device):
+                for idx, x, ref_logp, old_logp in zip(rows, inputs, ref, old):
+                    logp, entropy = token_logprobs(policy, x, temperature=temperature)
+                    mask = loss_mask[idx, :logp.shape[1]]
+                    loss, stats = grpo_loss(logp, logp.detach() if old_logp is None else old_logp, advantages[idx],
+                                            mask, normalizer=normalizer, ref_logp=ref_logp,
+                                            clip_low=g["clip_low"], clip_high=g["clip_high"], kl_coef=g["kl_coef"],
+                                            kl_estimator=g["kl_estimator"], aggregation=g["aggregation"])
+                    loss.backward()
+                    sums["loss"] += loss.item() / g["epochs"]
+                    sums["entropy"] += float((entropy * mask).sum())
+                    for key, value in stats.items():
+                        sums[key] += float(value)
+            with timed(times, "optimizer", world.device):
+                grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), o["grad_clip"] or math.inf)
+                grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
+                # A NaN on one rank reaches every rank through the gradient reduction, but decide collectively
+                # anyway: no rank may step (or skip) alone.
+                stepped = world.all_true(math.isfinite(grad_norm) and math.isfinite(sums["loss"]))
+                if stepped:
+                    optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+        lr = scheduler.get_last_lr()[0]  # the rate this step used
+        scheduler.step()
+
+        # 7. log
+        metrics = {"step": step + 1, **step_metrics(world, groups, rollout, prompts, reward_cfg, n, sums),
+                   "grad_norm": grad_norm, "skipped_step": 0.0 if stepped else 1.0, "lr": lr,
+                   **{f"time/{k}": v for k, v in times.items()}, "step_time_s": time.perf_counter() - t0,
+                   "memory/peak_gb": world.max(int(peak_memory_gb(world.device) * 1000)) / 1000}
+        metrics["tokens_per_s"] = metrics.pop("tokens") / metrics["step_time_s"]
+        history.append(metrics)
+        log.write(metrics)
+        if world.is_main and (step + 1) % cfg["train"]["log_every"] == 0:
+            print(console_line(metrics), flush=True)
+        if cfg["train"]["sample_every"] and (step + 1) % cfg["train"]["sample_every"] == 0:
+            write_samples(run_dir / "samples" / f"step_{step + 1:06d}_rank{world.rank}.jsonl", batch, rollout, groups, n)
+        if cfg["train"]["save_every"] and (step + 1) % cfg["train"]["save_every"] == 0:
+            save_checkpoint(run_dir, step + 1, model=policy, optimizer=optimizer, scheduler=scheduler,
+                            state={"generator": generator.get_state()})
+
+    if cfg["train"]["export"]:
+        out = export_hf(policy, processor, run_dir / "final", world, DTYPES[cfg["train"]["export_dtype"]])
+        if out is not None:
+            print(f"exported {out} (load it with harmo_min.model.load_policy or from_pretrained)", flush=True)
+    cleanup()
+    return history
 
 
-def console_line(step: int, m: dict) -> str:
+def step_metrics(world, groups, rollout, prompts, reward_cfg: RewardConfig, n: int, update: dict) -> dict:
+    """Means over all ranks of this step's rewards, lengths, routes and update statistics (a collective)."""
+    accuracy = [a for grp in groups for a in grp.breakdown["accuracy"]]
+    lengths = rollout.lengths.tolist()
+    correct = [a >= reward_cfg.correct_threshold for a in accuracy]
+    local = {f"reward/{k}": v * len(lengths) for k, v in aspect_means(groups).items()}
+    local.update({f"route/{k}": v for k, v in route_counts(groups).items()})
+    local.update({f"update/{k}": v for k, v in update.items()})
+    local.update(rows=len(lengths), accuracy=sum(accuracy), response_length=sum(lengths), correct=sum(correct),
+                 correct_length=sum(length for length, ok in zip(lengths, correct) if ok),
+                 eos=sum(f == "eos" for f in rollout.finish_reason),
+                 prompt_tokens=float(prompts["attention_mask"].sum()) * n)
+    s = dict(zip(local, world.sum(list(local.values()))))
+    rows, tokens, right = s["rows"], max(s["update/tokens"], 1.0), s["correct"]
+    return {**{k: v / rows for k, v in s.items() if k.startswith("reward/")},
+            "accuracy": s["accuracy"] / rows, "response_length": s["response_length"] / rows,
+            "length/correct": s["correct_length"] / right if right else 0.0,
+            "length/wrong": (s["response_length"] - s["correct_length"]) / (rows - right) if rows > right else 0.0,
+            "eos_rate": s["eos"] / rows, "loss": s["update/loss"],
+            **{k: s[f"update/{k}"] / tokens for k in ("clip_frac", "kl", "ratio_mean", "entropy")},
+            **{k: int(v) for k, v in s.items() if k.startswith("route/")},
+            "tokens": s["response_length"] + s["prompt_tokens"]}
+
+
+def console_line(m: dict) -> str:
     aspects = " ".join(f"{k[7:]}={m[k]:+.3f}" for k in sorted(m) if k.startswith("reward/") and k != "reward/total")
-    return (f"step {step:4d} | acc {m['accuracy']:.3f} | R {m['reward/total']:+.3f} [{aspects}] | "
+    phases = " ".join(f"{k[5:]} {v:.2f}" for k, v in m.items() if k.startswith("time/"))
+    return (f"step {m['step']:4d} | acc {m['accuracy']:.3f} | R {m['reward/total']:+.3f} [{aspects}] | "
             f"len {m['response_length']:.1f} | kl {m['kl']:.4f} | clip {m['clip_frac']:.3f} | "
-            f"loss {m['loss']:+.4f} | {m['step_time_s']:.2f}s {m['tokens_per_s']:.0f} tok/s")
+            f"{m['step_time_s']:.2f}s ({phases})")
 
 
 def write_samples(path: Path, examples, rollout, groups, n: int) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("a", encoding="utf-8") as f:
         for p, (ex, grp) in enumerate(zip(examples, groups)):
             for j in range(n):
                 f.write(json.dumps({"id": ex.id, "prompt": ex.problem or ex.messages, "gold": ex.answer,
                                     "response": rollout.texts[p * n + j], "total": grp.total[j], "route": grp.route[j],
                                     **{k: v[j] for k, v in grp.breakdown.items()}}) + "\n")
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# The loop
-# ---------------------------------------------------------------------------------------------------------------
-
-def train_grpo(cfg: dict, resume: bool = False) -> list[dict]:
-    dist = hdist.init_distributed()
-    reward_cfg = check_config(cfg, dist.world_size)
-    torch.manual_seed(cfg["seed"])
-    run_dir = Path(cfg["run_dir"])
-    if dist.is_main:
-        (run_dir / "samples").mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
-    examples = load_examples(cfg)
-
-    policy, processor = build_policy(cfg, dist)
-    ref_model = None
-    if cfg["grpo"]["kl_coef"] > 0:
-        ref_model, _ = build_policy(cfg, dist)
-        ref_model.requires_grad_(False)
-    scorer = None
-    if cfg["reward_model"]["path"]:
-        from harmo_min.reward_model import load_scorer
-        scorer = load_scorer(cfg["reward_model"]["path"], dist=dist, batch_size=cfg["reward_model"]["batch_size"],
-                             answer_format=cfg["data"]["answer_format"])  # the RM sees the policy's exact prompt
-    o = cfg["optim"]
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=o["lr"], betas=(o["beta1"], o["beta2"]),
-                                  weight_decay=o["weight_decay"])
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_schedule(cfg))
-    generator = torch.Generator(dist.device).manual_seed(cfg["seed"] * 1_000_003 + dist.rank)
-
-    start = 0
-    if resume:
-        state = hdist.load_latest_checkpoint(run_dir, model=policy, optimizer=optimizer, scheduler=scheduler)
-        if state is None:
-            raise FileNotFoundError(f"--resume: no checkpoint under {run_dir}/checkpoints")
-        start = state["step"]
-        generator.set_state(state["generator"])
-    metrics_file = run_dir / "metrics.jsonl"
-    if dist.is_main and not resume:
-        metrics_file.write_text("")
-    writers = open_writers(cfg, run_dir) if dist.is_main else []
-
-    r, g, n = cfg["rollout"], cfg["grpo"], cfg["rollout"]["n"]
-    per_rank = g["prompts_per_step"] // dist.world_size
-    batches = iterate_batches(examples, g["prompts_per_step"], seed=cfg["seed"], start=start)
-    history = []
-    progress = range(start, cfg["train"]["steps"])
-    if dist.is_main and sys.stderr.isatty():
-        from tqdm import tqdm
-        progress = tqdm(progress, initial=start, total=cfg["train"]["steps"], dynamic_ncols=True)
-    for step in progress:
-        t0 = time.perf_counter()
-        # 1. prompts: this rank's slice of the global batch, encoded once for rollout and training
-        batch = next(batches)[dist.rank * per_rank:(dist.rank + 1) * per_rank]
-        encoded = encode_prompts(processor, batch, cfg["data"]["answer_format"]).to(dist.device)
-        prompts = prompt_batch(encoded, [len(ex.images) for ex in batch])
-
-        # 2. rollout with full parameters gathered for the phase (ranks may stop decoding at different steps)
-        policy.eval()
-        with hdist.gathered_params(policy):
-            rollout = sample(policy, encoded, n=n, max_new_tokens=r["max_new_tokens"], temperature=r["temperature"],
-                             top_p=r["top_p"], top_k=r["top_k"], generator=generator, tokenizer=processor.tokenizer)
-        policy.train()
-
-        # 3. rewards: every aspect of every response; reward-model scores for open / low-confidence items
-        lengths = rollout.lengths.tolist()
-        texts = [rollout.texts[p * n:(p + 1) * n] for p in range(len(batch))]
-        model_scores = None
-        if scorer is not None:
-            flat = scorer.score([ex for ex in batch for _ in range(n)], rollout.texts)[1].tolist()
-            model_scores = [flat[p * n:(p + 1) * n] for p in range(len(batch))]
-        groups = score_batch(batch, texts, lengths=[lengths[p * n:(p + 1) * n] for p in range(len(batch))],
-                             finish_reasons=[rollout.finish_reason[p * n:(p + 1) * n] for p in range(len(batch))],
-                             model_scores=model_scores, cfg=reward_cfg)
-
-        # 4. advantages within each group; optionally mask groups with no accuracy signal
-        total = torch.tensor([x for grp in groups for x in grp.total], device=dist.device)            # (B,)
-        accuracy = torch.tensor([x for grp in groups for x in grp.breakdown["accuracy"]], device=dist.device)
-        advantages = group_advantages(total, n, scale_std=g["scale_std"])                              # (B,)
-        loss_mask = rollout.response_mask.clone()                                                     # (B, T)
-        if g["drop_zero_variance_groups"]:
-            loss_mask[zero_variance_groups(accuracy, n).repeat_interleave(n)] = 0
-
-        # 5-6. update and step
-        update = grpo_update(policy, optimizer, prompts, rollout, advantages, loss_mask, cfg, dist, ref_model)
-        scheduler.step()
-
-        # 7. log
-        step_time = time.perf_counter() - t0
-        local = {f"reward/{k}": v for k, v in aspect_means(groups).items()}
-        local.update(accuracy=float(accuracy.mean()), response_length=sum(lengths) / len(lengths),
-                     eos_rate=sum(f == "eos" for f in rollout.finish_reason) / len(lengths))
-        metrics = {"step": step + 1, **global_mean(local, len(lengths)), **update, "lr": scheduler.get_last_lr()[0]}
-        routes = route_counts(groups)
-        counts = hdist.all_reduce(torch.tensor(list(routes.values()), dtype=torch.float64))
-        metrics.update({f"route/{k}": int(v) for k, v in zip(routes, counts.tolist())})
-        tokens = torch.tensor([float(rollout.response_mask.sum() + encoded["attention_mask"].sum() * n)])
-        metrics.update(step_time_s=step_time, tokens_per_s=float(hdist.all_reduce(tokens)) / step_time)
-        history.append(metrics)
-        if dist.is_main:
-            with metrics_file.open("a") as f:
-                f.write(json.dumps(metrics) + "\n")
-            if (step + 1) % cfg["train"]["log_every"] == 0:
-                print(console_line(step + 1, metrics), flush=True)
-            for w in writers:
-                w(metrics, step + 1)
-        if cfg["train"]["sample_every"] and (step + 1) % cfg["train"]["sample_every"] == 0:
-            write_samples(run_dir / "samples" / f"step_{step + 1:06d}_rank{dist.rank}.jsonl", batch, rollout, groups, n)
-        if cfg["train"]["save_every"] and (step + 1) % cfg["train"]["save_every"] == 0:
-            hdist.save_checkpoint(run_dir, step + 1, model=policy, optimizer=optimizer, scheduler=scheduler,
-                                  state={"generator": generator.get_state()})
-
-    if cfg["train"]["export"]:
-        out = hdist.export_hf(policy, processor, run_dir / "final", dist)
-        if out is not None:
-            print(f"exported {out} (load it with harmo_min.model.load_policy or from_pretrained)", flush=True)
-    hdist.cleanup()
-    return history
-
-
-def open_writers(cfg: dict, run_dir: Path) -> list:
-    """TensorBoard / W&B loggers when asked for; asking for one that is not installed is an error, not a no-op."""
-    writers = []
-    if cfg["train"]["tensorboard"]:
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError as err:
-            raise ImportError("train.tensorboard: true needs `pip install tensorboard`") from err
-        tb = SummaryWriter(run_dir / "tensorboard")
-        writers.append(lambda m, s: [tb.add_scalar(k, v, s) for k, v in m.items() if isinstance(v, (int, float))])
-    if cfg["train"]["wandb"]:
-        try:
-            import wandb
-        except ImportError as err:
-            raise ImportError("train.wandb: true needs `pip install wandb`") from err
-        run = wandb.init(project="harmo_min", dir=str(run_dir), config=cfg)
-        writers.append(lambda m, s: run.log(m, step=s))
-    return writers
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default="configs/tiny.yaml", help="YAML config (default: configs/tiny.yaml)")
-    parser.add_argument("--resume", action="store_true", help="continue from run_dir/checkpoints/latest")
-    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. rollout.n=8 optim.lr=1e-6")
-    args = parser.parse_args(argv)
-    stage = "grpo"
-    if args.config and os.path.isfile(args.config):
-        with open(args.config, encoding="utf-8") as f:
-            stage = (yaml.safe_load(f) or {}).get("stage", "grpo")
-    stage = next((o.split("=", 1)[1] for o in args.overrides if o.startswith("stage=")), stage)
-    if stage == "reward_model":
-        from harmo_min.reward_training import REWARD_MODEL_DEFAULTS, train_reward_model
-        cfg = load_config(args.config, args.overrides, defaults=REWARD_MODEL_DEFAULTS,
-                          open_keys=("reward_model.fixed_weights", "data.kinds"))
-        train_reward_model(cfg, resume=args.resume)
-    elif stage == "grpo":
-        train_grpo(load_config(args.config, args.overrides, defaults=GRPO_DEFAULTS, open_keys=OPEN_KEYS), args.resume)
-    else:
-        raise ValueError(f"{args.config}: stage: expected 'grpo' or 'reward_model', got {stage!r}")
 
 
 if __name__ == "__main__":

@@ -9,9 +9,13 @@ max_new_tokens. Some items carry instruction constraints; every response has a r
 model is configured), so low-confidence verdicts can be routed to it.
 
 It times `score_batch` with the default config (all five aspects, overlong switched on) at workers=0 (serial)
-and workers=N (one verify_batch call fanned out to N processes), and `score_group` with precomputed verdicts
-(the combiner alone, without the verifier). Each figure is the median (and min) over --repeats runs after one
-warm-up batch (the verifier forks its sympy worker on first use).
+and workers=N (one verify_batch call fanned out to the persistent pool of N processes), `verify_batch` alone at
+both settings, and `score_group` with precomputed verdicts (the combiner alone, without the verifier). One warm-up
+call each first (it forks the sympy workers and the pool, which later calls reuse); then the rows take turns,
+--repeats rounds, so a change in the machine's load hits every row alike. Each figure is the median (and min).
+"cores held" (a second pass, --repeats calls in a block per row) is the CPU time of this process and its worker
+processes (from /proc) over the wall time: on a machine whose cores are busy with other jobs, it shows how much
+of the parallelism the scheduler actually gave.
 
     python benchmarks/bench_rewards.py                    # add --workers 4 on a machine with more cores
 """
@@ -107,14 +111,47 @@ def make_batch(rng: random.Random, prompts: int, group: int, tokens: int, max_ne
     return items, groups, lengths, finish, scores
 
 
-def timed(fn, repeats: int) -> tuple[float, float]:
-    fn()  # warm-up: the verifier forks its sympy worker on first use
-    runs = []
+def tree_cpu_s() -> float | None:
+    """CPU seconds (user + system) used so far by this process and its live descendants (the sympy workers and
+    the pool), from /proc; None where there is no /proc. Clock ticks are 10 ms: sum over many calls."""
+    if not os.path.isdir("/proc/self"):
+        return None
+    procs = {}
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:  # the process ended while we listed /proc
+            continue
+        procs[int(pid)] = (int(fields[1]), (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK"))
+    mine, grew = {os.getpid()}, True
+    while grew:
+        new = {pid for pid, (ppid, _) in procs.items() if ppid in mine} - mine
+        mine |= new
+        grew = bool(new)
+    return sum(procs[pid][1] for pid in mine if pid in procs)
+
+
+def timed(rows: list[tuple[str, object]], repeats: int) -> dict[str, list[float]]:
+    """Seconds per call of each row; rows take turns so that load drift affects all of them alike."""
+    for _, fn in rows:
+        fn()  # warm-up: the verifier forks its sympy worker and pool on first use
+    runs: dict[str, list[float]] = {name: [] for name, _ in rows}
     for _ in range(repeats):
-        t0 = time.perf_counter()
+        for name, fn in rows:
+            t0 = time.perf_counter()
+            fn()
+            runs[name].append(time.perf_counter() - t0)
+    return runs
+
+
+def cores_held(fn, calls: int) -> float:
+    """CPU time of this process and its workers over wall time, for a block of calls (one /proc read each end)."""
+    c0, t0 = tree_cpu_s(), time.perf_counter()
+    for _ in range(calls):
         fn()
-        runs.append(time.perf_counter() - t0)
-    return statistics.median(runs), min(runs)
+    wall = time.perf_counter() - t0
+    return (tree_cpu_s() - c0) / wall if c0 is not None else float("nan")
 
 
 def main() -> None:
@@ -131,7 +168,8 @@ def main() -> None:
     rng = random.Random(args.seed)
     items, groups, lengths, finish, scores = make_batch(rng, args.prompts, args.group, args.tokens,
                                                         args.max_new_tokens)
-    cfg = RewardConfig.from_dict({"weights": {"overlong": 1.0}, "overlong_buffer": 256}).resolve(args.max_new_tokens)
+    cfg = RewardConfig.from_dict({"weights": {"overlong": 1.0}, "overlong_buffer": 256}, answer_format="think_answer")
+    cfg = cfg.resolve(args.max_new_tokens)
     n = args.prompts * args.group
     kw = dict(lengths=lengths, finish_reasons=finish, model_scores=scores, cfg=cfg)
     chars = sum(len(r) for g in groups for r in g) / n
@@ -152,11 +190,21 @@ def main() -> None:
 
     rows = [("score_batch, workers=0 (serial)", lambda: score_batch(items, groups, workers=0, **kw)),
             (f"score_batch, workers={args.workers}", lambda: score_batch(items, groups, workers=args.workers, **kw)),
+            ("verify_batch, workers=0", lambda: verify_batch(verifiable, workers=0)),
+            (f"verify_batch, workers={args.workers}", lambda: verify_batch(verifiable, workers=args.workers)),
             ("combiner only (verdicts given)", combiner_only)]
-    print(f"{'':34s} {'median ms/batch':>16s} {'min ms':>8s} {'us/response':>12s}")
-    for name, fn in rows:
-        med, best = timed(fn, args.repeats)
-        print(f"{name:34s} {med * 1e3:16.1f} {best * 1e3:8.1f} {med / n * 1e6:12.0f}")
+    runs = timed(rows, args.repeats)
+    cores = {name: cores_held(fn, args.repeats) for name, fn in rows}
+    print(f"load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs")
+    print(f"{'':34s} {'median ms/batch':>16s} {'min ms':>8s} {'us/response':>12s} {'cores held':>11s}")
+    for name, _ in rows:
+        med = statistics.median(runs[name])
+        print(f"{name:34s} {med * 1e3:16.1f} {min(runs[name]) * 1e3:8.1f} {med / n * 1e6:12.0f} {cores[name]:11.2f}")
+    for what in ("score_batch", "verify_batch"):
+        serial = statistics.median(runs[f"{what}, workers=0" + (" (serial)" if what == "score_batch" else "")])
+        parallel = statistics.median(runs[f"{what}, workers={args.workers}"])
+        print(f"{what}: workers={args.workers} takes {parallel / serial:.2f}x the serial time "
+              f"({len(verifiable)} checkable responses)")
 
 
 if __name__ == "__main__":

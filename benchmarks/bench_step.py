@@ -24,7 +24,7 @@ function (its cost is negligible either way). Both sides stop responses at EOS, 
 little: the mean response length per side is printed next to the times. TRL on CPU: use_vllm=False, bf16=False,
 gradient_checkpointing=False.
 
-Step time: ours is `step_time_s` from `train.train_grpo`'s history (prompt encoding, rollout, rewards, update,
+Step time: ours is `step_time_s` from `train.main`'s history (prompt encoding, rollout, rewards, update,
 optimizer step, logging); TRL's is the wall time between `on_step_begin` and `on_step_end` of a trainer callback
 (generation, reward, loss, backward, optimizer step). The first `--warmup` steps of each side are dropped; the
 median of the rest is reported. `--clock cpu` measures the same intervals in process CPU-seconds (all threads)
@@ -54,7 +54,6 @@ DEFAULT_TRL_PYTHON = ROOT / "benchmarks" / ".venv-trl" / "bin" / "python"
 def run_ours(args, run_dir: str) -> dict:
     sys.path.insert(0, str(ROOT))
     import train
-    from harmo_min.config import load_config
 
     overrides = [
         f"run_dir={run_dir}", "seed=0",
@@ -64,13 +63,12 @@ def run_ours(args, run_dir: str) -> dict:
         f"train.steps={args.steps}", "train.sample_every=0", "train.save_every=0", "train.export=false",
         f"data.n_train={max(64, args.prompts * args.steps)}",
     ]
-    cfg = load_config(None, overrides, defaults=train.GRPO_DEFAULTS, open_keys=train.OPEN_KEYS)
     if args.clock == "cpu":
         # train.py times a step with time.perf_counter(); point its `time` at a shim whose perf_counter is this
         # process's CPU time (all threads), so step_time_s becomes CPU-seconds per step.
         import types
         train.time = types.SimpleNamespace(perf_counter=time.process_time)
-    history = train.train_grpo(cfg)
+    history = train.main(["--config", "", "--overwrite", *overrides])  # defaults + overrides, no config file
     times = [h["step_time_s"] for h in history]
     return dict(times=times, response_length=statistics.mean(h["response_length"] for h in history))
 

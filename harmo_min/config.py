@@ -6,15 +6,20 @@ The defaults dict is the schema: every key a YAML file or an override sets must 
 `open` sub-trees, such as `reward.weights`, whose keys are aspect names checked by their own component), and its
 value must have the default's type (an int is accepted where a float is expected; `None` defaults accept anything).
 A typo fails before any model is loaded, naming the key and the nearest valid one.
+
+Each script also declares `rules`, a check per key (`{"rollout.top_p": in_range(0, 1, low_open=True), ...}`), run
+by `load_config` after the merge, so a bad value is named with its key before anything loads:
+`rollout.top_p: must be in (0, 1], got 0`.
 """
 
 from __future__ import annotations
 
+import argparse
 import copy
 import difflib
 import math
 import os
-from typing import Any
+from typing import Any, Callable
 
 import yaml
 
@@ -91,9 +96,50 @@ def parse_overrides(overrides: list[str]) -> dict:
     return tree
 
 
+Rule = tuple[Callable[[Any], bool], str]  # (test, what it requires)
+
+
+def at_least(low: float) -> Rule:
+    return (lambda v: v >= low), f"must be >= {low}"
+
+
+def above(low: float) -> Rule:
+    return (lambda v: v > low), f"must be > {low}"
+
+
+def in_range(low: float, high: float, *, low_open: bool = False) -> Rule:
+    if low_open:
+        return (lambda v: low < v <= high), f"must be in ({low}, {high}]"
+    return (lambda v: low <= v <= high), f"must be in [{low}, {high}]"
+
+
+def one_of(*options) -> Rule:
+    return (lambda v: v in options), f"must be one of {list(options)}"
+
+
+def above_or_null(low: float) -> Rule:
+    return (lambda v: v is None or v > low), f"must be > {low} or null"
+
+
+NOT_EMPTY: Rule = (lambda v: isinstance(v, str) and v.strip() != ""), "must be a non-empty string"
+
+
+def check_rules(cfg: dict, rules: dict[str, Rule], where: str = "") -> None:
+    """Raise ValueError naming the first key whose value breaks its rule."""
+    flat = _flatten(cfg)
+    for key, (ok, requirement) in rules.items():
+        value = flat.get(key)
+        try:
+            good = ok(value)
+        except TypeError:  # None, or a list where a number belongs
+            good = False
+        if not good:
+            raise ValueError(f"{where}{key}: {requirement}, got {value!r}")
+
+
 def load_config(path: str | os.PathLike | None, overrides: list[str], *, defaults: dict,
-                open_keys: tuple[str, ...] = ()) -> dict:
-    """Defaults <- YAML file <- dotted overrides; errors name the file or the override and the key."""
+                open_keys: tuple[str, ...] = (), rules: dict[str, Rule] | None = None) -> dict:
+    """Defaults <- YAML file <- dotted overrides, then `rules`; errors name the file or the override and the key."""
     cfg = defaults
     if path:  # None or "": defaults only
         if not os.path.isfile(path):
@@ -106,7 +152,23 @@ def load_config(path: str | os.PathLike | None, overrides: list[str], *, default
         if not isinstance(from_file, dict):
             raise ValueError(f"{path}: expected a mapping at the top level")
         cfg = merge(cfg, from_file, open_keys=open_keys, where=f"{path}: ")
-    return merge(cfg, parse_overrides(overrides), open_keys=open_keys, where="command line: ")
+    cfg = merge(cfg, parse_overrides(overrides), open_keys=open_keys, where="command line: ")
+    check_rules(cfg, rules or {})
+    return cfg
+
+
+def parse_run_args(argv: list[str] | None, *, description: str, default_config: str,
+                   flags: dict[str, str] | None = None) -> argparse.Namespace:
+    """The command line every training script shares: --config FILE, --resume, --overwrite, dotted overrides, plus
+    `flags` ({"--plan": "help"}: more on/off switches)."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--config", default=default_config, help=f"YAML config (default: {default_config})")
+    parser.add_argument("--resume", action="store_true", help="continue from run_dir/checkpoints/latest")
+    parser.add_argument("--overwrite", action="store_true", help="delete an earlier run's files in run_dir first")
+    for flag, text in (flags or {}).items():
+        parser.add_argument(flag, action="store_true", help=text)
+    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. rollout.n=8 optim.lr=1e-6")
+    return parser.parse_args(argv)
 
 
 def lr_schedule(cfg: dict):

@@ -1,4 +1,5 @@
-"""Examples, the validated JSONL loaders (prompts and preference pairs), batching, and prompt building.
+r"""Examples; the validated loaders (the project's JSONL, downloaded parquet / arrow datasets, preference pairs);
+image checks; batching; prompt building; and `python -m harmo_min.data convert`.
 
 An `Example` is one prompt of a GRPO batch:
 
@@ -7,34 +8,90 @@ An `Example` is one prompt of a GRPO batch:
 * `task` is "verifiable" (has a gold `answer`; the rule verifier scores it) or "open" (no gold; the reward model
   scores it). It is inferred from `answer` when absent.
 * `constraints` are instruction-adherence checks (`{"kind": "max_words", "value": 30}`, see rewards.py).
-* `messages` (chat turns) may replace `problem`; images are then the `{"type": "image"}` parts, in order.
+* `messages` (chat turns ending with a user turn) may replace `problem`; images are then the `{"type": "image"}`
+  parts, in order.
+* `images` hold file paths, PIL images, or `EncodedImage`s (the compressed bytes of an image embedded in a parquet
+  or arrow file). `load_images` decodes them when a batch is encoded, on the rank that encodes it: a dataset never
+  sits in memory decoded.
 
-JSONL records use the same field names; `images` holds paths relative to the file (or absolute). Every record is
-validated before training starts: a bad record raises `DataError("file.jsonl:12: field 'answer': ...")`.
+Training data, `load_examples(source)`:
+* The project's JSONL (`*.jsonl`): one record per line with the field names above; `images` are paths relative to
+  the file (or to `image_root`). A bad record raises `DataError("file.jsonl:12: field 'answer': ...")`.
+* A table as the hub and `datasets` ship one: a `.parquet` file; a folder of parquet shards
+  (`data/train-00000-of-00002.parquet`; a folder holding several splits must be narrowed to one, as a glob:
+  `geo3k/data/train-*.parquet`); a glob; an `.arrow` file; or a folder written by `datasets.save_to_disk` (its
+  `state.json` lists the shards). An image cell may be encoded bytes, a `{bytes, path}` struct (the `datasets.Image`
+  feature; bytes win) or a path (relative to the file's folder, or to `image_root`); a cell may hold one image or a
+  list. Errors name `file:row N: field 'column'`. Columns map to fields by `fields` (config `data.fields`):
+
+      field    default columns, the first present wins    notes
+      id       id, qid, pid, sample_index                 none present: the row number
+      problem  problem, question                          `<image>` placeholders are removed: the chat template
+                                                          puts the images before the text
+      answer   answer, solution                           reduced to the gold by the rule below; null: no gold,
+                                                          every item is open (scored by the reward model)
+      images   images, decoded_image, image               null: text-only prompts
+
+  Naming a column overrides the default (`{"answer": "solution"}`); a dotted name reads inside a struct column
+  (`reward_model.ground_truth`). This fits geometry3k as EasyR1 uses it (images, problem, answer), MMK12 (id,
+  question, image, answer), ViRL39K (qid, question, image paths, answer `\boxed{...}`), ThinkLite-VL, MathVista's
+  testmini parquet (pid, question, decoded_image, answer) and MathVerse (sample_index, question, image, answer).
+
+Gold answers from tables: a string answer becomes what `verifier.extract_answer` (the verifier's own extraction)
+reads from it: the last <answer>...</answer>, else the last \boxed{}, else the last "the answer is ..." phrase,
+else a short one-line answer itself, `$...$` unwrapped (`\boxed{12}` -> `12`, a worked solution ending "so the answer
+is $\boxed{12}$." -> `12`). A one-line answer it reads nothing from (a long name or phrase) is the gold as written;
+a multi-line solution, or one with a \boxed{} or <answer> that cannot be read, is an error naming the row. Numbers
+are written with `str`. (The project's JSONL keeps its answers exactly as written.)
+
+Images are checked at load, before training starts: every image is opened, and fully decoded (a truncated JPEG or
+a PNG with a broken stream passes PIL's `verify()` and fails only on a decode), so a bad one is a `DataError`
+naming file, line or row, and field, not an `OSError` at step 8. An image larger than `max_image_pixels`
+[2048 x 2048 = 4,194,304, the cap EasyR1 and verl apply] is downscaled once at load (aspect kept; re-encoded as JPEG
+if it was one, else PNG) and a log line says how many and which; one beyond PIL's decompression-bomb limit (about
+179 M pixels) is an error. With `rank` / `world_size`, a rank fully decodes only its share of the images (record
+i with i % world_size == rank) and opens the rest for their size alone, so every rank downscales the same images;
+a rank that finds a bad image raises, and torchrun stops the others.
 
 Preference pairs (the reward-model stage's data) are JSONL records `{"id", "prompt" | "messages", "images",
 "chosen", "rejected", "aspect"?, "chosen_ratings"?, "rejected_ratings"?}`, validated the same way. The built-in
 synthetic tasks and pairs live in synthetic.py.
 
 Prompts are built with the processor's chat template and encoded **once** into left-padded tensors that both the
-sampler and the training forward reuse. Left out: video, multi-turn rollouts, dataset streaming.
+sampler and the training forward reuse.
+
+    python -m harmo_min.data convert IN OUT.jsonl [--field problem=question] [--image-root DIR]
+
+writes any of the layouts above as the project's JSONL; embedded images become files in `OUT_images/`.
+
+Reading parquet / arrow needs pyarrow, an optional extra (`pip install -e ".[data]"`).
+Left out: video, multi-turn rollouts, streaming (a table's compressed images are held in memory, about the size
+of its files, on every rank), verl's parquet layout (a `prompt` column of chat turns), EXIF orientation.
 """
 
 from __future__ import annotations
 
+import argparse
+import glob
+import io
 import json
+import logging
 import math
 import os
 import random
+import re
+import sys
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Literal, Sequence
 
 from PIL import Image
 
-from harmo_min.rewards import validate_constraint
+from harmo_min.rewards import ANSWER_FORMATS, validate_constraint
+from harmo_min.verifier import extract_answer
 
-ImageLike = str | Image.Image
+log = logging.getLogger("harmo_min.data")
 
 # The instruction appended to each prompt, by answer format (a config key). "bare" asks for the answer alone:
 # the tiny config uses it so a randomly initialised model can reach the answer tokens by sampling.
@@ -43,9 +100,39 @@ FORMAT_INSTRUCTIONS = {
     "boxed": "Reason step by step, then put the final answer in \\boxed{}.",
     "bare": "Reply with the answer only.",
 }
+assert tuple(FORMAT_INSTRUCTIONS) == ANSWER_FORMATS  # one list of answer formats: the reward's format check reads it
+
+# Larger images are downscaled once at load. 2048 x 2048 is the cap EasyR1 and verl apply before Qwen2.5-VL's
+# processor. Uncapped, a 10000 x 10000 image made every step that drew it ~20x slower and 1.8 GB larger (issue
+# #11; benchmarks/bench_data.py measures it).
+MAX_IMAGE_PIXELS = 2048 * 2048
+
+# Table columns each field is read from by default, first present wins (see the module docstring).
+DEFAULT_FIELDS: dict[str, tuple[str, ...]] = {
+    "id": ("id", "qid", "pid", "sample_index"),
+    "problem": ("problem", "question"),
+    "answer": ("answer", "solution"),
+    "images": ("images", "decoded_image", "image"),
+}
+TABLE_SUFFIXES = (".parquet", ".arrow")
+ROLES = ("system", "user", "assistant")
+
 
 class DataError(ValueError):
-    """A malformed example or record; the message names the file, line and field."""
+    """A malformed example, record or file; the message names the file, line (or row) and field."""
+
+
+@dataclass(frozen=True, repr=False)
+class EncodedImage:
+    """An image kept compressed, as a parquet or arrow file stored it, until a batch needs its pixels."""
+    data: bytes
+    name: str  # where it came from ("train.parquet:row 3: field 'image'"): named by decode errors
+
+    def __repr__(self) -> str:
+        return f"EncodedImage({len(self.data)} bytes, {self.name})"
+
+
+ImageLike = str | Image.Image | EncodedImage
 
 
 @dataclass
@@ -70,7 +157,31 @@ class Example:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# JSONL loading with validation
+# Loading training data in any layout
+# ---------------------------------------------------------------------------------------------------------------
+
+def load_examples(source: str | os.PathLike, *, fields: dict[str, str | None] | None = None,
+                  image_root: str | os.PathLike | None = None, check_images: bool = True,
+                  max_image_pixels: int | None = MAX_IMAGE_PIXELS, rank: int = 0, world_size: int = 1) -> list[Example]:
+    """Every example of a JSONL file or a table (parquet / arrow / save_to_disk), validated; see the module docstring.
+
+    `fields` maps Example fields to table columns (config `data.fields`); `check_images=False` trusts the images
+    (no decode, no size cap); `rank` / `world_size` split the full image decode between ranks.
+    """
+    if not 0 <= rank < world_size:
+        raise ValueError(f"load_examples: need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
+    kwargs = dict(image_root=image_root, check_images=check_images, max_image_pixels=max_image_pixels, rank=rank,
+                  world_size=world_size)
+    if str(source).endswith(".jsonl"):
+        if fields:
+            raise DataError(f"data.fields: maps the columns of parquet/arrow tables; {source} is the project's JSONL, "
+                            f"whose records use the Example field names (see harmo_min/data.py)")
+        return load_jsonl(source, **kwargs)
+    return load_table(source, fields=fields, **kwargs)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The project's JSONL
 # ---------------------------------------------------------------------------------------------------------------
 
 _FIELD_TYPES: dict[str, tuple[type, ...]] = {
@@ -79,18 +190,37 @@ _FIELD_TYPES: dict[str, tuple[type, ...]] = {
 }
 
 
-def load_jsonl(path: str | os.PathLike, *, check_images: bool = True) -> list[Example]:
-    """Read and validate every record of a JSONL file; raise `DataError` naming `file:line: field` on the first bad one."""
+def load_jsonl(path: str | os.PathLike, *, check_images: bool = True, max_image_pixels: int | None = MAX_IMAGE_PIXELS,
+               image_root: str | os.PathLike | None = None, rank: int = 0, world_size: int = 1) -> list[Example]:
+    """Read and validate every record of a JSONL file; the first bad one raises `DataError("file:line: field ...")`."""
     path = Path(path)
-    examples, seen = [], set()
-    for where, record in read_jsonl(path):
-        examples.append(parse_record(record, where, path.parent, check_images, validate_constraint))
-        if examples[-1].id in seen:
-            raise DataError(f"{where}: field 'id': duplicate id {examples[-1].id!r}")
-        seen.add(examples[-1].id)
+    root = Path(image_root).expanduser() if image_root is not None else path.parent
+    check = ImageCheck(max_image_pixels, decode=check_images)
+    examples, seen = [], {}
+    for index, (where, record) in enumerate(read_jsonl(path)):
+        example = parse_record(record, where, root, check, validate_constraint, full=index % world_size == rank)
+        if example.id in seen:
+            raise DataError(f"{where}: field 'id': duplicate id {example.id!r} (first at {seen[example.id]})")
+        seen[example.id] = where
+        examples.append(example)
     if not examples:
         raise DataError(f"{path}: no records")
+    check.report(rank)
     return examples
+
+
+def read_text(path: str | os.PathLike) -> str:
+    """A UTF-8 text file (a leading BOM dropped); bytes that are not UTF-8 are a DataError naming file:line."""
+    path = Path(path)
+    raw = path.read_bytes()
+    body = raw[3:] if raw.startswith(b"\xef\xbb\xbf") else raw  # the BOM Windows editors write
+    try:
+        return body.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = body.count(b"\n", 0, err.start) + 1
+        column = err.start - (body.rfind(b"\n", 0, err.start) + 1) + 1
+        raise DataError(f"{path}:{line}: not valid UTF-8 (byte {body[err.start]:#04x} at column {column}); "
+                        f"save the file as UTF-8") from None
 
 
 def read_jsonl(path: str | os.PathLike) -> Iterator[tuple[str, dict]]:
@@ -98,21 +228,23 @@ def read_jsonl(path: str | os.PathLike) -> Iterator[tuple[str, dict]]:
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: no such file")
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise DataError(f"{where}: not valid JSON ({err.msg} at column {err.colno})") from None
-            if not isinstance(record, dict):
-                raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
-            yield where, record
+    # Only "\n" ends a record: str.splitlines() would also split at U+2028 and friends, which JSON strings may hold.
+    for lineno, line in enumerate(read_text(path).split("\n"), start=1):
+        if not line.strip():
+            continue
+        where = f"{path}:{lineno}"
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise DataError(f"{where}: not valid JSON ({err.msg} at column {err.colno})") from None
+        if not isinstance(record, dict):
+            raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
+        yield where, record
 
 
-def parse_record(record: dict, where: str, root: Path, check_images: bool, validate_constraint) -> Example:
+def parse_record(record: dict, where: str, root: Path, check: ImageCheck, validate_constraint, *,
+                 full: bool = True) -> Example:
+    """One JSONL record -> Example, every field checked; images opened by `check` (decoded fully when `full`)."""
     unknown = set(record) - set(_FIELD_TYPES)
     if unknown:
         raise DataError(f"{where}: unknown field(s) {sorted(unknown)}; expected some of {sorted(_FIELD_TYPES)}")
@@ -128,9 +260,7 @@ def parse_record(record: dict, where: str, root: Path, check_images: bool, valid
         raise DataError(f"{where}: field 'task': must be 'verifiable' or 'open', got {record['task']!r}")
     if record.get("task") == "verifiable" and record.get("answer") is None:
         raise DataError(f"{where}: field 'answer': missing, but task is 'verifiable'")
-    for i, message in enumerate(record.get("messages") or []):
-        if not isinstance(message, dict) or message.get("role") not in ("system", "user", "assistant"):
-            raise DataError(f"{where}: field 'messages[{i}]': expected {{'role': system|user|assistant, 'content': ...}}")
+    n_placeholders = check_messages(record["messages"], where) if record.get("messages") is not None else 0
     for i, choice in enumerate(record.get("choices") or []):
         if not isinstance(choice, str):
             raise DataError(f"{where}: field 'choices[{i}]': expected str, got {type(choice).__name__}")
@@ -141,30 +271,408 @@ def parse_record(record: dict, where: str, root: Path, check_images: bool, valid
             raise DataError(f"{where}: field 'constraints[{i}]': {err}") from None
     images = []
     for i, item in enumerate(record.get("images") or []):
-        if not isinstance(item, str):
-            raise DataError(f"{where}: field 'images[{i}]': expected a path string, got {type(item).__name__}")
-        image_path = Path(item) if os.path.isabs(item) else root / item
-        if check_images:
-            try:
-                with Image.open(image_path) as im:
-                    im.verify()  # reads the whole file: a truncated or corrupt image fails here, not mid-training
-            except FileNotFoundError:
-                raise DataError(f"{where}: field 'images[{i}]': no such file {image_path}") from None
-            except Exception as err:  # PIL raises many types for corrupt data; all mean "unreadable"
-                raise DataError(f"{where}: field 'images[{i}]': unreadable image {image_path} ({err})") from None
-        images.append(str(image_path))
-    n_placeholders = sum(
-        1 for m in record.get("messages") or [] if isinstance(m.get("content"), list)
-        for part in m["content"] if isinstance(part, dict) and part.get("type") == "image"
-    )
+        if not isinstance(item, str) or not item:
+            raise DataError(f"{where}: field 'images[{i}]': expected a path string, got {item!r:.60}")
+        images.append(check(image_value(item, f"{where}: field 'images[{i}]'", root), f"{where}: field 'images[{i}]'",
+                            full=full))
     if record.get("messages") is not None and n_placeholders != len(images):
-        raise DataError(f"{where}: field 'images': {len(images)} image(s) but {n_placeholders} image part(s) in messages")
+        raise DataError(f"{where}: field 'images': {len(images)} image(s) but {n_placeholders} image part(s) in "
+                        f"messages")
     answer = record.get("answer")
     return Example(
         id=str(record["id"]), problem=record.get("problem"), messages=record.get("messages"), images=images,
         answer=None if answer is None else str(answer), choices=record.get("choices"), task=record.get("task"),
         constraints=record.get("constraints") or [], reference=record.get("reference"),
     )
+
+
+def check_messages(messages: list, where: str) -> int:
+    """Validate chat turns the way the chat template will read them; return the number of image parts."""
+    if not messages:
+        raise DataError(f"{where}: field 'messages': empty; expected chat turns ending with a user turn")
+    n_images = 0
+    for i, message in enumerate(messages):
+        at = f"{where}: field 'messages[{i}]"
+        if not isinstance(message, dict) or message.get("role") not in ROLES:
+            raise DataError(f"{at}': expected {{'role': system|user|assistant, 'content': ...}}")
+        if "content" not in message:
+            raise DataError(f"{at}.content': missing")
+        content = message["content"]
+        if isinstance(content, str):
+            continue
+        if not isinstance(content, list):
+            raise DataError(f"{at}.content': expected a string or a list of parts, got {type(content).__name__}")
+        for j, part in enumerate(content):
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind == "image":
+                n_images += 1
+            elif kind != "text" or not isinstance(part.get("text"), str):
+                raise DataError(f"{at}.content[{j}]': expected {{'type': 'text', 'text': str}} or "
+                                f"{{'type': 'image'}}, got {part!r:.80}")
+    if messages[-1]["role"] != "user":
+        raise DataError(f"{where}: field 'messages': must end with a user turn (the response answers it)")
+    return n_images
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Tables: parquet, arrow, save_to_disk folders
+# ---------------------------------------------------------------------------------------------------------------
+
+# The hub's shard names: train-00000-of-00002.parquet (MathVista adds a hash: testmini-00000-of-00001-a1b2.parquet).
+SHARD_NAME = re.compile(r"^(?P<split>.+?)-(?P<index>\d{5})-of-(?P<count>\d{5})(?:-[0-9a-f]+)?\.(?:parquet|arrow)$")
+
+
+def load_table(source: str | os.PathLike, *, fields: dict[str, str | None] | None = None,
+               image_root: str | os.PathLike | None = None, check_images: bool = True,
+               max_image_pixels: int | None = MAX_IMAGE_PIXELS, rank: int = 0, world_size: int = 1,
+               limit: int | None = None) -> list[Example]:
+    """Every row of a parquet / arrow table as an Example (the first `limit` rows if given); see the module doc."""
+    files = table_files(source)
+    mapping = resolve_fields(fields, table_columns(files[0]), str(files[0]))
+    columns = sorted({column.split(".")[0] for column in mapping.values() if column is not None})
+    check = ImageCheck(max_image_pixels, decode=check_images)
+    examples, seen = [], {}
+    for index, (where, file, row) in enumerate(read_table(files, columns, limit=limit)):
+        root = Path(image_root).expanduser() if image_root is not None else file.parent
+        example = _table_example(row, where, root, mapping, index, check, full=index % world_size == rank)
+        if example.id in seen:
+            raise DataError(f"{where}: field '{mapping['id']}': duplicate id {example.id!r} "
+                            f"(first at {seen[example.id]})")
+        seen[example.id] = where
+        examples.append(example)
+    if not examples:
+        raise DataError(f"{source}: no rows")
+    check.report(rank)
+    return examples
+
+
+def table_files(source: str | os.PathLike) -> list[Path]:
+    """The data files of a table: a .parquet/.arrow file, a glob, a folder of shards, or a save_to_disk folder."""
+    text = os.path.expanduser(str(source))
+    if any(c in text for c in "*?["):
+        files = sorted(Path(p) for p in glob.glob(text, recursive=True) if Path(p).suffix in TABLE_SUFFIXES)
+        if not files:
+            raise DataError(f"{source}: no .parquet or .arrow files match")
+    else:
+        path = Path(text)
+        if path.is_file():
+            if path.suffix not in TABLE_SUFFIXES:
+                raise DataError(f"{path}: not a table file (expected .parquet or .arrow; the project's own format is "
+                                f".jsonl)")
+            return [path]
+        if not path.is_dir():
+            raise DataError(f"{path}: no such file or folder")
+        if (path / "dataset_dict.json").is_file():
+            splits = _read_json(path / "dataset_dict.json").get("splits", [])
+            raise DataError(f"{path}: a DatasetDict saved with save_to_disk, splits {splits}: give one split's folder, "
+                            f"e.g. {path / (splits[0] if splits else 'train')}")
+        if (path / "state.json").is_file():  # datasets.save_to_disk: state.json lists the arrow shards in order
+            state = _read_json(path / "state.json")
+            files = [path / entry["filename"] for entry in state.get("_data_files", [])
+                     if isinstance(entry, dict) and isinstance(entry.get("filename"), str)]
+            missing = [f.name for f in files if not f.is_file()]
+            if not files or missing:
+                raise DataError(f"{path}/state.json: names no data files, or missing ones: {missing}")
+            return files
+        files = sorted(p for p in path.rglob("*") if p.suffix in TABLE_SUFFIXES and p.is_file())
+        if not files:
+            raise DataError(f"{path}: no .parquet or .arrow files in this folder")
+    _check_shards(files, str(source))
+    return files
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        value = json.loads(read_text(path))
+    except json.JSONDecodeError as err:
+        raise DataError(f"{path}: not valid JSON ({err.msg} at line {err.lineno}, column {err.colno})") from None
+    if not isinstance(value, dict):
+        raise DataError(f"{path}: expected a JSON object, got {type(value).__name__}")
+    return value
+
+
+def _check_shards(files: list[Path], source: str) -> None:
+    """Files named like hub shards must be one split, complete; other names are taken as they are."""
+    matches = [(SHARD_NAME.match(f.name), f) for f in files]
+    if not all(m for m, _ in matches):
+        return
+    groups: dict[tuple[Path, str], list[tuple[int, int]]] = {}
+    for m, f in matches:
+        groups.setdefault((f.parent, m["split"]), []).append((int(m["index"]), int(m["count"])))
+    if len(groups) > 1:
+        names = sorted({split for _, split in groups})
+        parent, split = min(groups)
+        raise DataError(f"{source}: holds several splits ({', '.join(names)}): give one, "
+                        f"e.g. {parent}/{split}-*.parquet")
+    ((parent, split), shards), = groups.items()
+    count = shards[0][1]
+    missing = sorted(set(range(count)) - {i for i, _ in shards})
+    if missing or any(c != count for _, c in shards):
+        raise DataError(f"{source}: split '{split}' is incomplete: shard(s) {missing} of {count} are missing "
+                        f"(an interrupted download?)")
+
+
+def _pyarrow(source: Path):
+    try:
+        import pyarrow
+        import pyarrow.parquet
+    except ImportError:
+        raise DataError(f"{source}: reading parquet/arrow files needs pyarrow, an optional extra: "
+                        f"pip install -e '.[data]' (or pip install pyarrow)") from None
+    return pyarrow, pyarrow.parquet
+
+
+def _open_table(path: Path, columns: list[str] | None):
+    """(column names, an iterator of record batches) for one parquet or arrow file."""
+    pa, pq = _pyarrow(path)
+    try:
+        if path.suffix == ".parquet":
+            parquet = pq.ParquetFile(path)
+            names = parquet.schema_arrow.names
+            return names, parquet.iter_batches(batch_size=64, columns=[c for c in columns or names if c in names])
+        with path.open("rb") as f:
+            is_file_format = f.read(6) == b"ARROW1"  # save_to_disk writes the stream format, Feather v2 the file one
+        source = pa.memory_map(str(path))
+        if is_file_format:
+            reader = pa.ipc.open_file(source)
+            batches = (reader.get_batch(i) for i in range(reader.num_record_batches))
+        else:
+            reader = pa.ipc.open_stream(source)
+            batches = iter(reader)
+        return reader.schema.names, batches
+    except (pa.ArrowException, OSError) as err:
+        raise DataError(f"{path}: not a readable {path.suffix[1:]} file ({err})") from None
+
+
+def table_columns(path: Path) -> list[str]:
+    """The column names of one parquet or arrow file."""
+    return _open_table(path, None)[0]
+
+
+def read_table(files: list[Path], columns: list[str] | None = None, *,
+               limit: int | None = None) -> Iterator[tuple[str, Path, dict]]:
+    """("file:row N", file, row) for every row in order, as Python values: structs are dicts, binary is bytes."""
+    pa, _ = _pyarrow(files[0])
+    count = 0
+    for path in files:
+        names, batches = _open_table(path, columns)
+        missing = [c for c in columns or [] if c not in names]
+        if missing:
+            raise DataError(f"{path}: no column(s) {missing}; its columns are {names}")
+        i = 0
+        try:
+            for batch in batches:
+                if columns is not None and path.suffix != ".parquet":
+                    batch = batch.select(columns)
+                for row in batch.to_pylist():
+                    if limit is not None and count >= limit:
+                        return
+                    yield f"{path}:row {i}", path, row
+                    i += 1
+                    count += 1
+        except (pa.ArrowException, OSError) as err:
+            raise DataError(f"{path}: unreadable after row {i} ({err})") from None
+
+
+def resolve_fields(fields: dict[str, str | None] | None, columns: Sequence[str], source: str) -> dict[str, str | None]:
+    """The column (or dotted path into a struct column) each Example field is read from; None: not read."""
+    fields = dict(fields or {})
+    unknown = sorted(set(fields) - set(DEFAULT_FIELDS))
+    if unknown:
+        raise DataError(f"data.fields: unknown field(s) {unknown}; expected some of {list(DEFAULT_FIELDS)}")
+    resolved: dict[str, str | None] = {}
+    for name, candidates in DEFAULT_FIELDS.items():
+        if name in fields:
+            column = fields[name]
+            if column is None and name == "problem":
+                raise DataError("data.fields.problem: cannot be null: every example needs a problem")
+            if column is not None and (not isinstance(column, str) or not column):
+                raise DataError(f"data.fields.{name}: expected a column name or null, got {column!r}")
+            if column is not None and column.split(".")[0] not in columns:
+                raise DataError(f"{source}: data.fields.{name}: no column {column.split('.')[0]!r}; "
+                                f"the columns are {list(columns)}")
+            resolved[name] = column
+            continue
+        found = next((c for c in candidates if c in columns), None)
+        if found is None and name != "id":  # a silent "no images" or "no gold" would train the wrong thing
+            hint = {"problem": "", "answer": " (or null: no gold, every item open)",
+                    "images": " (or null: text-only prompts)"}[name]
+            raise DataError(f"{source}: no column for '{name}' (looked for {', '.join(candidates)}); the columns are "
+                            f"{list(columns)}: set data.fields.{name}{hint}")
+        resolved[name] = found
+    return resolved
+
+
+def _cell(row: dict, column: str, where: str) -> Any:
+    value = row
+    for part in column.split("."):
+        if not isinstance(value, dict) or part not in value:
+            raise DataError(f"{where}: field '{column}': missing (no {part!r} in {type(value).__name__})")
+        value = value[part]
+    return value
+
+
+def _table_example(row: dict, where: str, root: Path, mapping: dict[str, str | None], index: int,
+                   check: ImageCheck, *, full: bool) -> Example:
+    if mapping["id"] is None:
+        ident = str(index)
+    else:
+        value = _cell(row, mapping["id"], where)
+        if isinstance(value, bool) or not isinstance(value, (str, int)) or value == "":
+            raise DataError(f"{where}: field '{mapping['id']}': expected a non-empty str or int id, got {value!r:.60}")
+        ident = str(value)
+    problem = _cell(row, mapping["problem"], where)
+    if not isinstance(problem, str):
+        raise DataError(f"{where}: field '{mapping['problem']}': expected str, got {type(problem).__name__}")
+    problem = problem.replace("<image>", "").strip()
+    if not problem:
+        raise DataError(f"{where}: field '{mapping['problem']}': empty once <image> placeholders are removed")
+    answer = None
+    if mapping["answer"] is not None:
+        answer = gold_answer(_cell(row, mapping["answer"], where), f"{where}: field '{mapping['answer']}'")
+    images = []
+    if mapping["images"] is not None:
+        cell = _cell(row, mapping["images"], where)
+        items = [] if cell is None else cell if isinstance(cell, list) else [cell]
+        for k, item in enumerate(items):
+            at = f"{where}: field '{mapping['images']}" + (f"[{k}]'" if isinstance(cell, list) else "'")
+            images.append(check(image_value(item, at, root), at, full=full))
+    return Example(id=ident, problem=problem, images=images, answer=answer)
+
+
+def gold_answer(value: Any, where: str) -> str:
+    """The gold a table's answer cell holds, by the rule in the module docstring (the verifier's extraction)."""
+    if value is None:
+        raise DataError(f"{where}: missing; every row needs a gold answer (data.fields.answer: null trains every "
+                        f"item as open)")
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+        raise DataError(f"{where}: expected a str or number, got {type(value).__name__}")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise DataError(f"{where}: expected a finite number, got {value}")
+    if not isinstance(value, str):
+        return str(value)
+    text = value.strip()
+    if not text:
+        raise DataError(f"{where}: empty")
+    found = extract_answer(text)
+    if found is not None:
+        return found
+    if "\n" in text or "\\boxed" in text or "\\fbox" in text or "<answer>" in text.lower():
+        raise DataError(f"{where}: no final answer in {text[:80]!r}: expected \\boxed{{...}}, <answer>...</answer>, "
+                        f"'the answer is ...' or the answer alone")
+    return text
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Images: references, checks at load, decoding per batch
+# ---------------------------------------------------------------------------------------------------------------
+
+def image_value(value: Any, where: str, root: Path) -> str | EncodedImage:
+    """One image as a file stores it: a path (relative to `root`), encoded bytes, or a {bytes, path} struct."""
+    if isinstance(value, dict) and value and set(value) <= {"bytes", "path"}:  # datasets' Image feature
+        if value.get("bytes"):
+            return EncodedImage(bytes(value["bytes"]), where)
+        if not value.get("path"):
+            raise DataError(f"{where}: an image struct with neither bytes nor a path")
+        value = value["path"]
+    if isinstance(value, (bytes, bytearray)) and value:
+        return EncodedImage(bytes(value), where)
+    if isinstance(value, str) and value:
+        return str(Path(value) if os.path.isabs(value) else root / value)
+    raise DataError(f"{where}: expected an image (a path, encoded bytes or a {{bytes, path}} struct), "
+                    f"got {value!r:.60}")
+
+
+@dataclass
+class ImageCheck:
+    """Checks images as a loader reads them, and remembers what it downscaled for one log line.
+
+    Each image is opened: a missing file, a non-image or a decompression bomb fails here. With `full` it is also
+    decoded to RGB, exactly as `load_images` will, the only way to catch a truncated JPEG or a broken PNG stream.
+    One over `max_pixels` is decoded, downscaled (aspect kept) and returned as an `EncodedImage`, so that cost is
+    paid once, not at every step. `decode=False` trusts the files: nothing is opened and nothing is capped.
+    """
+    max_pixels: int | None = MAX_IMAGE_PIXELS
+    decode: bool = True
+    downscaled: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.max_pixels is not None and (isinstance(self.max_pixels, bool) or not isinstance(self.max_pixels, int)
+                                            or self.max_pixels < 1):
+            raise ValueError(f"data.max_image_pixels: must be an int >= 1 or null (no cap), got {self.max_pixels!r}")
+
+    def __call__(self, image: str | EncodedImage, where: str, *, full: bool = True) -> str | EncodedImage:
+        if not self.decode:
+            return image
+        label = image if isinstance(image, str) else f"({len(image.data)} embedded bytes)"
+        try:
+            with warnings.catch_warnings():
+                # PIL warns above ~89 M pixels; the cap below decides what happens to large images.
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                with Image.open(_source(image)) as im:
+                    width, height = im.size
+                    if self.max_pixels is not None and width * height > self.max_pixels:
+                        return self._downscale(im, where)
+                    if full:
+                        im.convert("RGB")
+        except FileNotFoundError:
+            raise DataError(f"{where}: no such file {image}") from None
+        except Image.DecompressionBombError as err:
+            raise DataError(f"{where}: image {label} is over PIL's decompression-bomb limit ({err})") from None
+        except Exception as err:  # PIL reports corrupt data as OSError, SyntaxError, zlib.error, ...: all "unreadable"
+            raise DataError(f"{where}: unreadable image {label} ({type(err).__name__}: {err})") from None
+        return image
+
+    def _downscale(self, im: Image.Image, where: str) -> EncodedImage:
+        width, height = im.size
+        target = fit_pixels(width, height, self.max_pixels)
+        fmt = im.format
+        if fmt == "JPEG":
+            im.draft("RGB", target)  # decode at 1/2, 1/4 or 1/8 scale: a 100 M pixel JPEG in a fraction of the time
+        rgb = im if im.mode == "RGB" else im.convert("RGB")  # no copy of a 300 MB bitmap when it is RGB already
+        small = rgb.resize(target, Image.Resampling.BICUBIC, reducing_gap=3.0)
+        buffer = io.BytesIO()
+        if fmt == "JPEG":
+            small.save(buffer, "JPEG", quality=95)
+        else:
+            small.save(buffer, "PNG", compress_level=1)
+        self.downscaled.append(f"{where} {width}x{height} -> {target[0]}x{target[1]}")
+        return EncodedImage(buffer.getvalue(), where)
+
+    def report(self, rank: int = 0) -> None:
+        """Log what was downscaled (rank 0 only: every rank downscales the same images)."""
+        if self.downscaled and rank == 0:
+            shown = "; ".join(self.downscaled[:3]) + (f"; and {len(self.downscaled) - 3} more"
+                                                      if len(self.downscaled) > 3 else "")
+            log.warning(f"data: {len(self.downscaled)} image(s) over {self.max_pixels} pixels downscaled once at load "
+                        f"(aspect kept): {shown}")
+
+
+def fit_pixels(width: int, height: int, max_pixels: int) -> tuple[int, int]:
+    """The largest size with the same aspect and at most `max_pixels` pixels (integers: 10000² -> 2048² exactly)."""
+    new_width = max(1, math.isqrt(max_pixels * width // height))  # w'² <= M·w/h and h' <= w'·h/w: w'·h' <= M
+    return new_width, max(1, new_width * height // width)
+
+
+def _source(image: str | EncodedImage):
+    return image if isinstance(image, str) else io.BytesIO(image.data)
+
+
+def decode_image(image: ImageLike) -> Image.Image:
+    """Pixels of one image, RGB; a file or bytes that no longer decode raise a DataError naming where they came from."""
+    if isinstance(image, Image.Image):
+        return image
+    try:
+        with Image.open(_source(image)) as im:
+            return im.convert("RGB")
+    except Exception as err:  # as in ImageCheck: PIL has many ways of saying "unreadable"
+        name = image if isinstance(image, str) else image.name
+        raise DataError(f"{name}: unreadable image ({type(err).__name__}: {err})") from err
+
+
+def load_images(example: Example) -> list[Image.Image]:
+    """The example's images as RGB PIL images: decoded here, per batch, never kept."""
+    return [decode_image(im) for im in example.images]
 
 
 def iterate_batches(examples: list[Example], batch_size: int, *, seed: int, start: int = 0) -> Iterator[list[Example]]:
@@ -202,23 +710,26 @@ _PAIR_FIELDS: dict[str, tuple[type, ...]] = {
 }
 
 
-def load_preference_jsonl(path: str | os.PathLike, *, aspects: Sequence[str] | None = None,
-                          check_images: bool = True) -> list[PreferencePair]:
+def load_preference_jsonl(path: str | os.PathLike, *, aspects: Sequence[str] | None = None, check_images: bool = True,
+                          max_image_pixels: int | None = MAX_IMAGE_PIXELS) -> list[PreferencePair]:
     """Read and validate preference pairs; raise `DataError("file:line: field 'x': ...")` on the first bad record."""
     path = Path(path)
+    check = ImageCheck(max_image_pixels, decode=check_images)
     pairs, seen = [], set()
     for where, record in read_jsonl(path):
-        pair = _parse_pair(record, where, path.parent, aspects, check_images)
+        pair = _parse_pair(record, where, path.parent, aspects, check)
         if pair.id in seen:
             raise DataError(f"{where}: field 'id': duplicate id {pair.id!r}")
         seen.add(pair.id)
         pairs.append(pair)
     if not pairs:
         raise DataError(f"{path}: no records")
+    check.report()
     return pairs
 
 
-def _parse_pair(record: dict, where: str, root: Path, aspects: Sequence[str] | None, check_images: bool) -> PreferencePair:
+def _parse_pair(record: dict, where: str, root: Path, aspects: Sequence[str] | None,
+                check: ImageCheck) -> PreferencePair:
     unknown = set(record) - set(_PAIR_FIELDS)
     if unknown:
         raise DataError(f"{where}: unknown field(s) {sorted(unknown)}; expected some of {sorted(_PAIR_FIELDS)}")
@@ -249,7 +760,7 @@ def _parse_pair(record: dict, where: str, root: Path, aspects: Sequence[str] | N
                 raise DataError(f"{where}: field '{key}.{name}': expected a finite number, got {value!r}")
     prompt = {"id": record["id"], "images": record.get("images", [])}
     prompt.update({"problem": record["prompt"]} if "prompt" in record else {"messages": messages})
-    example = parse_record(prompt, where, root, check_images, lambda constraint: None)
+    example = parse_record(prompt, where, root, check, lambda constraint: None)
     return PreferencePair(
         id=example.id, example=example, chosen=record["chosen"], rejected=record["rejected"],
         aspect=record.get("aspect"), chosen_ratings={k: float(v) for k, v in record.get("chosen_ratings", {}).items()},
@@ -279,10 +790,6 @@ def build_messages(example: Example, answer_format: str = "think_answer") -> lis
     return [{"role": "user", "content": content}]
 
 
-def load_images(example: Example) -> list[Image.Image]:
-    return [im if isinstance(im, Image.Image) else Image.open(im).convert("RGB") for im in example.images]
-
-
 def encode_prompts(processor, examples: list[Example], answer_format: str = "think_answer"):
     """One left-padded batch: input_ids, attention_mask, mm_token_type_ids, and pixel_values/image_grid_thw if any."""
     texts = [processor.apply_chat_template(build_messages(ex, answer_format), add_generation_prompt=True, tokenize=False)
@@ -290,3 +797,103 @@ def encode_prompts(processor, examples: list[Example], answer_format: str = "thi
     images = [im for ex in examples for im in load_images(ex)]
     processor.tokenizer.padding_side = "left"  # the sampler appends new tokens on the right of every row
     return processor(text=texts, images=images or None, padding=True, return_tensors="pt")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# python -m harmo_min.data convert IN OUT.jsonl
+# ---------------------------------------------------------------------------------------------------------------
+
+_EXTENSIONS = {"JPEG": ".jpg", "PNG": ".png", "GIF": ".gif", "WEBP": ".webp", "BMP": ".bmp", "TIFF": ".tif"}
+
+
+def convert(source: str | os.PathLike, out: str | os.PathLike, *, fields: dict[str, str | None] | None = None,
+            image_root: str | os.PathLike | None = None, check_images: bool = True,
+            max_image_pixels: int | None = MAX_IMAGE_PIXELS) -> int:
+    """Write `source` (any layout `load_examples` reads) as the project's JSONL; return the number of records.
+
+    Embedded images are written byte for byte to `OUT_images/NNNNNN-K.ext` (downscaled ones as re-encoded);
+    image files are referenced by their path relative to OUT's folder, not copied.
+    """
+    out = Path(out)
+    if out.suffix != ".jsonl":
+        raise DataError(f"{out}: the output is the project's JSONL: give it a .jsonl name")
+    examples = load_examples(source, fields=fields, image_root=image_root, check_images=check_images,
+                             max_image_pixels=max_image_pixels)
+    image_dir = out.with_name(out.stem + "_images")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    lines = []
+    for index, example in enumerate(examples):
+        paths = []
+        for k, image in enumerate(example.images):
+            if isinstance(image, EncodedImage):
+                image_dir.mkdir(exist_ok=True)
+                target = image_dir / f"{index:06d}-{k}{_extension(image)}"
+                target.write_bytes(image.data)
+                image = str(target)
+            assert isinstance(image, str), "load_examples yields paths or EncodedImages"
+            paths.append(os.path.relpath(image, out.parent))
+        lines.append(json.dumps(_jsonl_record(example, paths), ensure_ascii=False))
+    partial = out.with_name(out.name + ".tmp")
+    partial.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+    partial.replace(out)  # a reader never sees half a file
+    return len(lines)
+
+
+def _extension(image: EncodedImage) -> str:
+    with Image.open(io.BytesIO(image.data)) as im:
+        return _EXTENSIONS.get(im.format, f".{str(im.format).lower()}")
+
+
+def _jsonl_record(example: Example, paths: list[str]) -> dict[str, Any]:
+    record: dict[str, Any] = {"id": example.id}
+    record.update({"problem": example.problem} if example.messages is None else {"messages": example.messages})
+    if paths:
+        record["images"] = paths
+    if example.answer is not None:
+        record["answer"] = example.answer
+    if (example.answer is not None) != (example.task == "verifiable"):
+        record["task"] = example.task  # only when it is not what the loader would infer
+    for key in ("choices", "constraints", "reference"):
+        if getattr(example, key):
+            record[key] = getattr(example, key)
+    return record
+
+
+def parse_field_overrides(items: Sequence[str]) -> dict[str, str | None]:
+    """["problem=question", "answer="] -> {"problem": "question", "answer": None} (the --field options)."""
+    fields: dict[str, str | None] = {}
+    for item in items:
+        name, eq, column = item.partition("=")
+        if not eq or name not in DEFAULT_FIELDS:
+            raise DataError(f"--field {item}: expected FIELD=COLUMN with FIELD one of {list(DEFAULT_FIELDS)} "
+                            f"(FIELD= for none)")
+        fields[name] = column or None
+    return fields
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m harmo_min.data",
+                                     description="Write any training-data layout as the project's JSONL.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    c = commands.add_parser("convert", help="IN (JSONL, parquet file/folder/glob, arrow, save_to_disk) -> OUT.jsonl")
+    c.add_argument("source", metavar="IN")
+    c.add_argument("out", metavar="OUT.jsonl")
+    c.add_argument("--field", action="append", default=[], metavar="FIELD=COLUMN",
+                   help=f"column for a field, repeatable; FIELD one of {list(DEFAULT_FIELDS)}; FIELD= for none")
+    c.add_argument("--image-root", help="folder that relative image paths start from [the data file's folder]")
+    c.add_argument("--max-image-pixels", type=int, default=MAX_IMAGE_PIXELS,
+                   help=f"downscale larger images [{MAX_IMAGE_PIXELS}]; 0: no cap")
+    c.add_argument("--no-check", action="store_true", help="do not decode the images (corrupt ones are copied)")
+    args = parser.parse_args(argv)
+    try:
+        n = convert(args.source, args.out, fields=parse_field_overrides(args.field), image_root=args.image_root,
+                    check_images=not args.no_check, max_image_pixels=args.max_image_pixels or None)
+    except DataError as err:
+        sys.exit(f"{parser.prog}: error: {err}")
+    print(f"wrote {n} records to {args.out}")
+    return n
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    main()

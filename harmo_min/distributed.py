@@ -1,21 +1,34 @@
-"""Process groups, FSDP2 sharding, the rollout-phase parameter gather, checkpoints and HF export.
+"""Process groups, collectives on the training device, FSDP2 with mixed precision, checkpoints and HF export.
+
+    world = init_distributed()                      # World(rank, size, local_rank, device)
+    model = apply_fsdp(model, world, compute_dtype=torch.bfloat16)
+    tokens, rows = world.sum([n_tokens, n_rows])    # every collective of the loop goes through World
+    with gathered_params(model): ...                # full parameters for a whole rollout phase
 
 * `init_distributed()` / `cleanup()`: one process without torchrun (a world of 1 on an in-memory store), N with
-  it; gloo on CPU, NCCL on GPU. Every collective in the project goes through this process group.
-* `apply_fsdp(model, dist)`: FSDP2 (`fully_shard`) on the vision tower as one unit, on each decoder layer, then on
-  the root (embeddings, final norm, lm_head). bf16 parameters with fp32 gradient reduction when asked. A world of 1
-  is left unwrapped: there is nothing to shard and plain modules are faster on a laptop.
+  it; gloo on CPU, NCCL on GPU.
+* `World.sum / max / all_true`: the loop's only collectives. Each builds its tensor on `world.device`: NCCL serves
+  CUDA tensors only, so a tensor made without `device=` (it lands on the CPU) kills a GPU run at its first
+  collective. They take and return Python numbers, so no caller can hand a collective a stray tensor.
+* `apply_fsdp(model, world, compute_dtype=...)`: FSDP2 (`fully_shard`) on the vision tower as one unit, on each
+  decoder layer, then on the root (embeddings, final norm, lm_head). Precision: the parameters stay in their own
+  dtype (float32: the master weights, and with them the gradients and AdamW's state) and FSDP2's
+  `MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=float32)` casts them for compute and reduces
+  gradients in float32. (FSDP2's default policy casts nothing: bf16 parameters would make bf16 AdamW state, and an
+  AdamW step at lr 1e-6 is below half a bf16 ulp for most weights, so most updates are lost.) A world of 1 gets the
+  same wrapping whenever compute_dtype differs from the parameters' dtype, and is left plain otherwise. Gradients
+  are **summed** over ranks (divide factor 1): the loss is already the global sum over the global normaliser
+  (`grpo.loss_normalizer`), so FSDP's default averaging would divide twice.
 * `gathered_params(model)`: all-gather every shard once for a whole rollout phase and keep the full parameters
   until the phase ends; forwards inside then run without collectives, so ranks may decode different numbers of
-  steps (the sampler's contract). Memory cost: one full copy of the parameters per rank for the phase.
-* `load_sharded_policy(path, dist)`: real weights are read from disk by rank 0 only; other ranks build the model on
-  the meta device, and the shards are scattered from rank 0 (`broadcast_from_rank0`). 8 ranks never hold 8 full
-  host copies of a 7B model.
+  steps. Memory cost: one full compute-dtype copy of the parameters per rank for the phase.
+* `load_model_sharded(path, world, ...)`: rank 0 alone reads (or builds) the weights; the other ranks build the
+  model on the meta device and receive their shards from rank 0. 8 ranks never hold 8 host copies of a 7B model.
 * Checkpoints (`save_checkpoint` / `load_latest_checkpoint`): model and optimizer through torch.distributed.checkpoint
-  (each rank writes its shards), plus each rank's scheduler, step, RNG and data position. A checkpoint is written to
-  `step_N.tmp/` and renamed to `step_N/` only when every rank has finished, then `latest` is replaced atomically:
-  a kill mid-save leaves the previous checkpoint as the latest.
-* `export_hf(model, processor, out_dir, dist)`: a `from_pretrained`-loadable folder (safetensors, config,
+  (each rank writes its shards), plus each rank's scheduler, step, RNG and data position. Written to `step_N.tmp/`,
+  renamed to `step_N/` when every rank has finished, then `latest` is replaced atomically: a kill mid-save leaves
+  the previous checkpoint as the latest.
+* `export_hf(model, processor, out_dir, world, dtype)`: a `from_pretrained`-loadable folder (safetensors, config,
   generation config, processor) from the gathered full state dict.
 
 Left out: tensor/pipeline parallelism, HSDP, CPU offload of parameters.
@@ -33,18 +46,21 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as tdist
+import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
                                                      set_model_state_dict, set_state_dict)
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from transformers import Qwen2_5_VLForConditionalGeneration
+
+from harmo_min.model import load_model
 
 
 @dataclass(frozen=True)
-class Dist:
+class World:
     rank: int
-    world_size: int
+    size: int
     local_rank: int
     device: torch.device
 
@@ -52,54 +68,74 @@ class Dist:
     def is_main(self) -> bool:
         return self.rank == 0
 
+    def sum(self, values: list[float]) -> list[float]:
+        """Element-wise sum over ranks (float64 on the training device); the values themselves in a world of 1."""
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
+        if self.size > 1:
+            dist.all_reduce(t)
+        return t.tolist()
 
-def init_distributed(device: str = "auto") -> Dist:
+    def max(self, value: int) -> int:
+        t = torch.tensor([value], dtype=torch.int64, device=self.device)
+        if self.size > 1:
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return int(t.item())
+
+    def all_true(self, flag: bool) -> bool:
+        """True on every rank iff `flag` is true on every rank: the decisions no rank may take alone."""
+        return self.sum([0.0 if flag else 1.0])[0] == 0
+
+
+def init_distributed(device: str = "auto") -> World:
     """Join (or create, without torchrun) the default process group; pick this rank's device."""
     use_cuda = torch.cuda.is_available() if device == "auto" else device.startswith("cuda")
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    rank, size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if use_cuda:
         torch.cuda.set_device(local_rank)
-    if not tdist.is_initialized():
+    if not dist.is_initialized():
         backend = "nccl" if use_cuda else "gloo"
         if "RANK" in os.environ:
-            tdist.init_process_group(backend, device_id=torch.device("cuda", local_rank) if use_cuda else None)
+            dist.init_process_group(backend, device_id=torch.device("cuda", local_rank) if use_cuda else None)
         else:  # a plain `python train.py`: a world of one, no ports opened
-            tdist.init_process_group(backend, store=tdist.HashStore(), rank=0, world_size=1)
-    return Dist(rank, world, local_rank, torch.device("cuda", local_rank) if use_cuda else torch.device("cpu"))
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+    return World(rank, size, local_rank, torch.device("cuda", local_rank) if use_cuda else torch.device("cpu"))
 
 
 def cleanup() -> None:
-    if tdist.is_initialized():
-        tdist.destroy_process_group()
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
-def all_reduce(x: torch.Tensor, op=tdist.ReduceOp.SUM) -> torch.Tensor:
-    """In-place all-reduce that is a no-op in a world of one (no group traffic for the common laptop case)."""
-    if tdist.is_initialized() and tdist.get_world_size() > 1:
-        tdist.all_reduce(x, op=op)
-    return x
+def apply_fsdp(model, world: World, *, compute_dtype: torch.dtype | None = None, reshard_after_forward: bool = True):
+    """Shard a Qwen2.5-VL model (or a reward model built on one) with FSDP2: vision tower, each decoder layer, root.
 
-
-def all_true(flag: bool, device: torch.device | str = "cpu") -> bool:
-    """True on every rank iff `flag` is true on every rank: the collective decision that keeps ranks in step."""
-    t = torch.tensor([1.0 if flag else 0.0], device=device)
-    return bool(all_reduce(t, tdist.ReduceOp.MIN).item() > 0)
-
-
-def apply_fsdp(model, dist: Dist, *, param_dtype: torch.dtype | None = None, reshard_after_forward: bool = True):
-    """Shard a Qwen2.5-VL model with FSDP2: vision tower, each decoder layer, root. Identity in a world of one."""
-    if dist.world_size == 1:
+    `compute_dtype` None or equal to the parameters' dtype: no casting. A world of 1 without casting is returned
+    unwrapped (nothing to shard, plain modules are faster).
+    """
+    param_dtype = next(model.parameters()).dtype
+    cast = compute_dtype is not None and compute_dtype != param_dtype
+    if world.size == 1 and not cast:
         return model
-    mesh = init_device_mesh(dist.device.type, (dist.world_size,))
-    # Gradients are reduced in fp32 even with bf16 compute: summing 8 ranks' bf16 gradients loses low bits.
-    mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32) if param_dtype else MixedPrecisionPolicy()
+    mesh = init_device_mesh(world.device.type, (world.size,))
+    mp = MixedPrecisionPolicy(param_dtype=compute_dtype if cast else None, reduce_dtype=torch.float32)
     kw = dict(mesh=mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
     fully_shard(model.model.visual, **kw)
     for layer in model.model.language_model.layers:
         fully_shard(layer, **kw)
     fully_shard(model, **kw)
+    for m in _fsdp_modules(model):
+        m.set_gradient_divide_factor(1.0)  # sum, do not average: see the module docstring
+        m.set_force_sum_reduction_for_comms(True)  # a plain SUM (gloo has no PREMUL_SUM; NCCL prefers SUM)
+    if not any(p.is_meta for p in model.parameters()):  # a meta-built model does this once it is materialised
+        _init_root(model)
     return model
+
+
+def _init_root(model) -> None:
+    # The training forward runs the vision unit on its own before the root forward (grpo.token_logprobs): the root
+    # must already know it is the root, or the first unit to run would make itself one.
+    model._get_fsdp_state()._lazy_init()
 
 
 def _fsdp_modules(model) -> list[FSDPModule]:
@@ -114,11 +150,29 @@ def gathered_params(model):
         m.set_reshard_after_forward(False, recurse=False)
         m.unshard()
     try:
-        yield model
+        with forward_only(model):
+            yield model
     finally:
         for m in modules:
             m.reshard()
             m.set_reshard_after_forward(True, recurse=False)
+
+
+@contextlib.contextmanager
+def forward_only(model):
+    """No autograd for the duration, and FSDP's per-iteration records cleared at the end.
+
+    FSDP2 records the order in which units finish their forward and prefetches in that order, reversed, in the next
+    backward; only a backward clears it. Forwards without a backward (the rollout, reference and old log-probs) would
+    otherwise leave their order behind, and ranks that ran different forwards there (a text-only prompt runs no
+    vision tower in its prefill, decode lengths differ) would prefetch different units in backward: a hang.
+    """
+    try:
+        with torch.no_grad():
+            yield model
+    finally:
+        if isinstance(model, FSDPModule):
+            model.reset_iter_state()
 
 
 def full_state_dict(model) -> dict[str, torch.Tensor]:
@@ -126,40 +180,39 @@ def full_state_dict(model) -> dict[str, torch.Tensor]:
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
-def load_sharded_policy(path: str, dist: Dist, *, dtype: torch.dtype, attn_implementation: str = "sdpa",
-                        param_dtype: torch.dtype | None = None):
-    """Load a checkpoint read from disk by rank 0 only, shard it, and scatter rank 0's weights into the shards."""
-    from transformers import Qwen2_5_VLForConditionalGeneration
+def load_model_sharded(path: str, world: World, *, seed: int = 0, dtype: torch.dtype = torch.float32,
+                       compute_dtype: torch.dtype | None = None, attn_implementation: str = "sdpa"):
+    """(model, processor) on `world.device`, sharded when world.size > 1; rank 0 alone reads (or builds) the weights.
 
-    from harmo_min.model import ImageProcessor, load_policy
-
-    if dist.world_size == 1:
-        model, processor = load_policy(path, dtype=dtype, device=dist.device, attn_implementation=attn_implementation)
-        return model, processor
-    full_sd, buffers = {}, [None]
-    if dist.is_main:
-        source, processor = load_policy(path, dtype=dtype, attn_implementation=attn_implementation)
+    `dtype` is the parameters' own dtype (float32 master weights for a policy; bf16 for a frozen reference);
+    `compute_dtype` goes to `apply_fsdp`. `path` "tiny" is `build_tiny(seed)`.
+    """
+    if world.size == 1:
+        model, processor = load_model(path, seed=seed, dtype=dtype, attn_implementation=attn_implementation)
+        return apply_fsdp(model.to(world.device), world, compute_dtype=compute_dtype), processor
+    full_sd, buffers, meta = {}, [None], [None]
+    # Every rank needs the processor, which is small; only rank 0 needs the weights.
+    source, processor = load_model(path, seed=seed, dtype=dtype, attn_implementation=attn_implementation,
+                                   weights=world.is_main)
+    if world.is_main:
         full_sd = source.state_dict()
         # Non-persistent buffers (rotary inv_freq) are not in the state dict; meta-built ranks need rank 0's.
-        persistent = set(full_sd)
-        buffers = [{k: b for k, b in source.named_buffers() if k not in persistent}]
-        config, generation_config = source.config, source.generation_config
-    else:
-        processor = ImageProcessor.from_pretrained(path, local_files_only=True)
-    meta = [(config, generation_config) if dist.is_main else None]
-    tdist.broadcast_object_list(meta, src=0)
-    tdist.broadcast_object_list(buffers, src=0)
+        buffers = [{k: b for k, b in source.named_buffers() if k not in full_sd}]
+        meta = [(source.config, source.generation_config)]
+    dist.broadcast_object_list(meta, src=0)
+    dist.broadcast_object_list(buffers, src=0)
     with torch.device("meta"):
         model = Qwen2_5_VLForConditionalGeneration._from_config(meta[0][0], dtype=dtype,
                                                                  attn_implementation=attn_implementation)
     model.generation_config = meta[0][1]
-    apply_fsdp(model, dist, param_dtype=param_dtype)
-    model.to_empty(device=dist.device)
+    apply_fsdp(model, world, compute_dtype=compute_dtype)
+    model.to_empty(device=world.device)
     set_model_state_dict(model, full_sd, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
     for name, value in buffers[0].items():
         owner, _, attr = name.rpartition(".")
-        model.get_submodule(owner)._buffers[attr] = value.to(dist.device)
-    return model, processor
+        model.get_submodule(owner)._buffers[attr] = value.to(world.device)
+    _init_root(model)
+    return model.eval(), processor  # from_pretrained returns eval mode; a meta-built model must match it
 
 
 # -----------------------------------------------------------------------------------------------------------------
@@ -186,17 +239,17 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, *, model, optimizer, 
     """Write checkpoint `step` atomically; every rank must call it. Returns the final folder."""
     ckpt_root = Path(run_dir) / "checkpoints"
     final, tmp = ckpt_root / f"step_{step:08d}", ckpt_root / f"step_{step:08d}.tmp"
-    rank = tdist.get_rank()
+    rank = dist.get_rank()
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-    tdist.barrier()
+    dist.barrier()
     model_sd, optim_sd = get_state_dict(model, optimizer)
     dcp.save({"model": model_sd, "optimizer": optim_sd}, checkpoint_id=str(tmp / "dcp"))
     per_rank = {"step": step, "rng": rng_state(), "scheduler": scheduler.state_dict() if scheduler else None,
                 **(state or {})}
     torch.save(per_rank, tmp / f"rank{rank:05d}.pt")
-    tdist.barrier()  # every rank's files are on disk before the checkpoint becomes visible
+    dist.barrier()  # every rank's files are on disk before the checkpoint becomes visible
     if rank == 0:
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
@@ -206,7 +259,7 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, *, model, optimizer, 
         done = sorted(p for p in ckpt_root.glob("step_*") if not p.name.endswith(".tmp"))
         for old in done[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
-    tdist.barrier()
+    dist.barrier()
     return final
 
 
@@ -222,7 +275,7 @@ def load_latest_checkpoint(run_dir: str | os.PathLike, *, model, optimizer, sche
     folder = latest_checkpoint(run_dir)
     if folder is None:
         return None
-    rank_file = folder / f"rank{tdist.get_rank():05d}.pt"
+    rank_file = folder / f"rank{dist.get_rank():05d}.pt"
     if not rank_file.is_file():
         raise FileNotFoundError(f"{rank_file} missing: was {folder} written with a different number of ranks?")
     model_sd, optim_sd = get_state_dict(model, optimizer)
@@ -236,13 +289,14 @@ def load_latest_checkpoint(run_dir: str | os.PathLike, *, model, optimizer, sche
     return state
 
 
-def export_hf(model, processor, out_dir: str | os.PathLike, dist: Dist) -> Path | None:
-    """Save a `from_pretrained`-loadable folder from the (possibly sharded) model; a collective."""
-    full = full_state_dict(model)
+def export_hf(model, processor, out_dir: str | os.PathLike, world: World, dtype: torch.dtype) -> Path | None:
+    """Save a `from_pretrained`-loadable folder in `dtype` from the (possibly sharded) model; a collective."""
+    full = {k: v.to(dtype) for k, v in full_state_dict(model).items()}
     out = Path(out_dir)
-    if dist.is_main:
+    if world.is_main:
         out.mkdir(parents=True, exist_ok=True)
+        model.config.dtype = dtype  # config.json says what the weights are
         model.save_pretrained(out, state_dict=full)
         processor.save_pretrained(out)
-    tdist.barrier()
-    return out if dist.is_main else None
+    dist.barrier()
+    return out if world.is_main else None

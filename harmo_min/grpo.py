@@ -1,16 +1,26 @@
-r"""The GRPO update: group advantages, token log-probs from a training forward, the clipped loss with KL.
+r"""The GRPO update: group advantages, the KL estimators, the clipped loss, its global normaliser, token log-probs.
 
 For a group of G responses to one prompt with rewards R_1..R_G (rewards.py):
 
     A_i = R_i − mean(R)                 [paper]      or   (R_i − mean(R)) / (std(R) + 1e-4)   (scale_std)
 
 Every token t of response i shares A_i. With logp = log π_θ(token)/T from a training forward (same positions and
-temperature as the sampler; see `token_logprobs`), logp_old from before the update and logp_ref from the frozen
-reference:
+temperature as the sampler), logp_old from before the update and logp_ref from the frozen reference, r = logp_ref − logp:
 
     ratio = exp(logp − logp_old)
-    ℓ_t   = −min(ratio · A, clip(ratio, 1 − ε_low, 1 + ε_high) · A) + β · k3          [ε_low 0.2, ε_high 0.28]
-    k3    = exp(logp_ref − logp) − (logp_ref − logp) − 1     (≥ 0, = 0 iff logp = logp_ref; unbiased KL estimate)
+    ℓ_t   = −min(ratio · A, clip(ratio, 1 − ε_low, 1 + ε_high) · A) + β · k          [ε_low 0.2, ε_high 0.28]
+
+KL estimators k of KL(π‖ref) from tokens sampled from π (`kl_estimate`), and the gradient each gives *in the loss*:
+
+    k1 = −r              E_π[k1] = KL(π‖ref); its gradient ∇logp has expectation 0 under π: no pull towards ref
+    k2 = r² / 2          gradient E_π[(logp − logp_ref) ∇logp] = ∇ KL(π‖ref), the reverse KL of the RL objective
+    k3 = e^r − r − 1     ≥ 0, the lowest-variance value estimate, but gradient E_π[(1 − e^r) ∇logp] = ∇ KL(ref‖π):
+                         the forward, mass-covering KL. It keeps probability on every answer the reference likes
+                         (on the tiny colour task it capped sampled accuracy near 1 − β) [DeepSeek GRPO's choice]
+
+With `kl_in_reward` the penalty moves out of the loss into the reward instead: R_i ← R_i − β Σ_t k1_t (before
+the group advantage), whose policy gradient is that of E[R] − β KL(π‖ref). The logged `kl` is always mean k3, a
+non-negative, unbiased value estimate of KL(π‖ref).
 
 Aggregation over the response-token mask m (EOS included, so the policy learns to stop):
 
@@ -18,14 +28,21 @@ Aggregation over the response-token mask m (EOS included, so the policy learns t
     seq_mean    L = (1/N) Σ_i (Σ_t m·ℓ / Σ_t m)            original GRPO: a token of a short answer weighs more
     constant    L = Σ_{i,t} m·ℓ / (N · C)                  Dr. GRPO, C = constant_divisor (max_new_tokens)
 
-`grpo_loss` returns the micro-batch's *share* of the global L, so summing the gradients of all micro-batches on all
-ranks gives ∇L exactly, whatever the micro-batch split (the normaliser is counted before the first backward).
+`loss_normalizer` counts the divisor over every micro-batch of every rank before the first backward, and
+`grpo_loss` returns a micro-batch's *share* of the global L. FSDP sums gradients over ranks (divide factor 1, see
+distributed.apply_fsdp), so the summed gradients of all micro-batches on all ranks are ∇L exactly, whatever the
+split. A normaliser of 0 (every group dropped by dynamic sampling) means: no backward and no optimizer step.
 With one update per rollout batch logp_old = logp.detach() (ratio ≡ 1, only the clip-free gradient remains);
 with several epochs logp_old is stored from a no-grad forward before the first update.
 
-Log-probs are computed without materialising a float32 (B, T, V) log-softmax: `TokenLogProb` keeps only the
-model-dtype logits the forward produced anyway plus one float per token, and recomputes the softmax row-chunk by
-row-chunk in backward.
+Training forward (`micro_batches`, `training_inputs`, `token_logprobs`): a rank's rows are cut into micro-batches
+of similar length (a prompt's rows stay together, prompts ordered by their longest response, each micro-batch
+trimmed to its own longest prompt and response). Each micro-batch runs the vision tower once on the images of its
+distinct prompts and hands every row its prompt's features (`mm_encoder_outputs`), so n responses to one prompt
+cost one image encoding, not n. The tower runs even on a micro-batch without images (`model.encoded_images`):
+FSDP2 needs every rank to run every unit in step. Log-probs come from `TokenLogProb`, which keeps only the
+model-dtype logits plus one float per token and recomputes the softmax chunk by chunk in backward (a float32
+(B, T, V) log-softmax would cost 0.6 MB per token at a 152k vocabulary).
 
 Left out: value functions, PPO's GAE, off-policy importance weighting across rollout batches, sequence-level
 ratios (GSPO).
@@ -33,18 +50,14 @@ ratios (GSPO).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
+from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-from harmo_min.model import mrope_positions, placeholder_ids
+from harmo_min.model import encoded_images, mrope_positions, placeholder_ids
 
 AGGREGATIONS = ("token_mean", "seq_mean", "constant")
+KL_ESTIMATORS = ("k1", "k2", "k3")
 
-
-# ---------------------------------------------------------------------------------------------------------------
-# Advantages
-# ---------------------------------------------------------------------------------------------------------------
 
 def group_advantages(rewards: torch.Tensor, group_size: int, *, scale_std: bool = False,
                      eps: float = 1e-4) -> torch.Tensor:
@@ -66,16 +79,132 @@ def zero_variance_groups(accuracy: torch.Tensor, group_size: int) -> torch.Tenso
     return (grouped.max(-1).values - grouped.min(-1).values) == 0
 
 
+def kl_estimate(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: str) -> torch.Tensor:
+    """Per-token estimate of KL(π‖ref) from π's own samples; see the module docstring for each one's gradient."""
+    r = ref_logp - logp
+    if estimator == "k1":
+        return -r
+    if estimator == "k2":
+        return 0.5 * r ** 2
+    assert estimator == "k3", estimator
+    return torch.exp(r) - r - 1
+
+
+def loss_normalizer(loss_mask: torch.Tensor, world, *, aggregation: str, constant_divisor: int) -> float:
+    """The global divisor of the aggregation, counted over every rank (a collective): Σ tokens (token_mean),
+    responses (seq_mean) or responses · C (constant). Responses without a valid token (dropped groups) count 0."""
+    tokens, rows = world.sum([float(loss_mask.sum()), float((loss_mask.sum(-1) > 0).sum())])
+    return {"token_mean": tokens, "seq_mean": rows, "constant": rows * constant_divisor}[aggregation]
+
+
+def grpo_loss(
+    logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, *, normalizer: float,
+    ref_logp: torch.Tensor | None = None, clip_low: float = 0.2, clip_high: float = 0.28, kl_coef: float = 0.0,
+    kl_estimator: str = "k3", aggregation: str = "token_mean",
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """This micro-batch's share of the global loss, and summed statistics (divide by token counts to log).
+
+    logp, old_logp, ref_logp, mask: (b, T); advantages: (b,). `normalizer` from `loss_normalizer`. With
+    `ref_logp` and kl_coef > 0 the KL term is in the loss; `ref_logp` with kl_coef = 0 only measures it.
+    """
+    assert aggregation in AGGREGATIONS and normalizer > 0, (aggregation, normalizer)
+    mask = mask.float()
+    adv = advantages[:, None].float()                                         # (b, 1)
+    ratio = torch.exp(logp - old_logp)                                         # (b, T)
+    unclipped = ratio * adv
+    clipped = torch.clamp(ratio, 1 - clip_low, 1 + clip_high) * adv
+    per_token = -torch.minimum(unclipped, clipped)                            # (b, T)
+    if ref_logp is not None and kl_coef > 0:
+        per_token = per_token + kl_coef * kl_estimate(logp, ref_logp, kl_estimator)
+    per_token = per_token * mask
+    if aggregation == "seq_mean":
+        total = (per_token.sum(-1) / mask.sum(-1).clamp(min=1)).sum()
+    else:
+        total = per_token.sum()
+    with torch.no_grad():
+        # The clip is active where the clipped branch was chosen and differs: that token passes no gradient.
+        stats = {"clip_frac": ((clipped < unclipped) & (mask > 0)).float().sum(), "ratio_mean": (ratio * mask).sum(),
+                 "tokens": mask.sum()}
+        if ref_logp is not None:
+            stats["kl"] = (kl_estimate(logp, ref_logp, "k3") * mask).sum()
+    return total / normalizer, stats
+
+
 # ---------------------------------------------------------------------------------------------------------------
-# Token log-probs from a training forward
+# The training forward
 # ---------------------------------------------------------------------------------------------------------------
+
+def micro_batches(prompt_index: torch.Tensor, lengths: torch.Tensor, size: int) -> list[torch.Tensor]:
+    """Row indices (b,) of each micro-batch: a prompt's rows together, prompts by their longest response."""
+    prompts = prompt_index.unique(sorted=True)                                # (N,)
+    longest = torch.stack([lengths[prompt_index == p].max() for p in prompts])
+    order = torch.cat([(prompt_index == prompts[k]).nonzero().squeeze(1)
+                       for k in longest.argsort(descending=True, stable=True)])
+    return list(order.split(size))
+
+
+def training_inputs(prompts: dict, images_per_prompt: list[int], rollout, rows: torch.Tensor) -> dict:
+    """The prompt + response tensors of `rows` for `token_logprobs`, each distinct prompt's images once.
+
+    `prompts` is the left-padded encoded batch the rollout was sampled from (pixel_values of all its images in
+    order); `images_per_prompt[p]` the number of images of prompt p.
+    """
+    p = rollout.prompt_index[rows]                                             # (b,)
+    mask = prompts["attention_mask"][p]                                        # (b, P)
+    first = int((mask.cumsum(-1) == 0).sum(-1).min())                          # leading pad shared by all rows
+    T = max(1, int(rollout.response_mask[rows].sum(-1).max()))                 # the longest response here
+    response_ids, response_mask = rollout.response_ids[rows, :T], rollout.response_mask[rows, :T]   # (b, T)
+    out = {
+        "input_ids": torch.cat([prompts["input_ids"][p][:, first:], response_ids], 1),           # (b, P' + T)
+        "attention_mask": torch.cat([mask[:, first:], response_mask.to(mask.dtype)], 1),
+        "mm_token_type_ids": torch.cat([prompts["mm_token_type_ids"][p][:, first:], torch.zeros_like(response_ids)], 1),
+        "response_ids": response_ids, "response_mask": response_mask,
+        "pixel_values": None, "image_grid_thw": None, "row_images": [], "row_grid": None,
+    }
+    image_start = [0]
+    for k in images_per_prompt:
+        image_start.append(image_start[-1] + k)
+    distinct = sorted(set(p.tolist()))
+    images = [j for q in distinct for j in range(image_start[q], image_start[q + 1])]
+    if images:
+        grid = prompts["image_grid_thw"]                                       # (images, 3)
+        patch_start = [0] + grid.prod(-1).cumsum(0).tolist()
+        out["pixel_values"] = torch.cat([prompts["pixel_values"][patch_start[j]:patch_start[j + 1]] for j in images])
+        out["image_grid_thw"] = grid[images]
+        slot = {j: k for k, j in enumerate(images)}
+        out["row_images"] = [slot[j] for q in p.tolist() for j in range(image_start[q], image_start[q + 1])]
+        out["row_grid"] = out["image_grid_thw"][out["row_images"]]             # one grid per image slot of a row
+    return out
+
+
+def token_logprobs(model, inputs: dict, *, temperature: float = 1.0, chunk: int = 1024
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """log π(response token)/T (b, T) and per-token entropy (b, T) from one forward of prompt + response.
+
+    Positions are M-RoPE positions of the concatenated sequence, which for the response tokens are exactly the
+    sampler's decode positions ((real tokens so far − 1) + rope delta); tokens after EOS are masked out of the
+    attention and of every result.
+    """
+    position_ids, _ = mrope_positions(model, {"input_ids": inputs["input_ids"], "attention_mask": inputs["attention_mask"],
+                                              "mm_token_type_ids": inputs["mm_token_type_ids"],
+                                              "image_grid_thw": inputs["row_grid"]})          # (3, b, P' + T)
+    T = inputs["response_ids"].shape[1]
+    with encoded_images(model, inputs["pixel_values"], inputs["image_grid_thw"]) as features:  # once per micro-batch
+        encoded = None
+        if features:  # each row gets its prompt's images' features
+            encoded = {"image": BaseModelOutputWithPooling(pooler_output=tuple(features[k] for k in inputs["row_images"]))}
+        out = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], position_ids=position_ids,
+                    mm_encoder_outputs=encoded, use_cache=False, logits_to_keep=T + 1)
+    logits = out.logits[:, :-1]                                          # (b, T, V): position P−1+t predicts token t
+    b, _, V = logits.shape
+    logp, entropy = TokenLogProb.apply(logits.reshape(b * T, V), inputs["response_ids"].reshape(-1), temperature,
+                                       chunk, placeholder_ids(model))
+    mask = inputs["response_mask"].float()
+    return logp.view(b, T) * mask, entropy.view(b, T) * mask
+
 
 class TokenLogProb(torch.autograd.Function):
-    """log softmax(logits / T)[target] per row, saving only the logits (model dtype) and one lse per row.
-
-    The autograd of `log_softmax(x.float())` would keep a float32 (rows, V) tensor alive until backward; for a
-    152k vocabulary that is 0.6 MB per token. Here backward recomputes softmax in chunks instead.
-    """
+    """log softmax(logits / T)[target] per row, saving only the logits (model dtype) and one lse per row."""
 
     @staticmethod
     def forward(ctx, logits: torch.Tensor, target: torch.Tensor, temperature: float, chunk: int, suppress: list[int]):
@@ -104,117 +233,3 @@ class TokenLogProb(torch.autograd.Function):
             g.scatter_add_(-1, target[s:s + ctx.chunk, None], torch.ones_like(g[:, :1]))
             grad[s:s + ctx.chunk] = (g * (grad_logp[s:s + ctx.chunk, None] / ctx.temperature)).to(grad.dtype)
         return grad, None, None, None, None
-
-
-@dataclass
-class PromptBatch:
-    """The encoded prompts of one rollout (left padded) and where each prompt's images and patches start."""
-    input_ids: torch.Tensor            # (N, P)
-    attention_mask: torch.Tensor       # (N, P)
-    mm_token_type_ids: torch.Tensor    # (N, P)
-    pixel_values: torch.Tensor | None  # (sum of patches, D)
-    image_grid_thw: torch.Tensor | None  # (images, 3)
-    image_start: list[int]             # (N + 1,) prompt p owns images image_start[p]:image_start[p + 1]
-    patch_start: list[int]             # (images + 1,) image j owns pixel rows patch_start[j]:patch_start[j + 1]
-
-    def rows(self, prompt_index: torch.Tensor) -> dict:
-        """Prompt tensors for the given rows (several rows may share a prompt), trimmed of all-pad columns."""
-        mask = self.attention_mask[prompt_index]
-        first = int((mask.cumsum(-1) == 0).sum(-1).min())                      # leading pad shared by all rows
-        out = {"input_ids": self.input_ids[prompt_index][:, first:], "attention_mask": mask[:, first:],
-               "mm_token_type_ids": self.mm_token_type_ids[prompt_index][:, first:]}
-        images = [j for p in prompt_index.tolist() for j in range(self.image_start[p], self.image_start[p + 1])]
-        if images:
-            s = self.patch_start
-            out["pixel_values"] = torch.cat([self.pixel_values[s[j]:s[j + 1]] for j in images])
-            out["image_grid_thw"] = self.image_grid_thw[images]
-        return out
-
-
-def _starts(counts: list[int]) -> list[int]:
-    starts = [0]
-    for k in counts:
-        starts.append(starts[-1] + k)
-    return starts
-
-
-def prompt_batch(encoded: dict, images_per_prompt: list[int]) -> PromptBatch:
-    """Index the batch once, so every micro-batch of every epoch slices it without recounting."""
-    grid = encoded.get("image_grid_thw")
-    patches = grid.prod(-1).tolist() if grid is not None else []
-    return PromptBatch(encoded["input_ids"], encoded["attention_mask"], encoded["mm_token_type_ids"],
-                       encoded.get("pixel_values"), grid, _starts(images_per_prompt), _starts(patches))
-
-
-def token_logprobs(model, prompts: dict, response_ids: torch.Tensor, response_mask: torch.Tensor, *,
-                   temperature: float = 1.0, chunk: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
-    """log π(response token)/T (B, T) and per-token entropy (B, T) from one forward of prompt+response.
-
-    Positions are M-RoPE positions of the concatenated sequence, which for the response tokens are exactly the
-    sampler's decode positions ((real tokens so far − 1) + rope delta); tokens after EOS are masked out of the
-    attention and of every result.
-    """
-    T = response_ids.shape[1]
-    full = {
-        "input_ids": torch.cat([prompts["input_ids"], response_ids], 1),                           # (B, P + T)
-        "attention_mask": torch.cat([prompts["attention_mask"], response_mask.to(prompts["attention_mask"].dtype)], 1),
-        "mm_token_type_ids": torch.cat([prompts["mm_token_type_ids"], torch.zeros_like(response_ids)], 1),
-        "pixel_values": prompts.get("pixel_values"), "image_grid_thw": prompts.get("image_grid_thw"),
-    }
-    position_ids, _ = mrope_positions(model, full)                                                # (3, B, P + T)
-    out = model(input_ids=full["input_ids"], attention_mask=full["attention_mask"], position_ids=position_ids,
-                pixel_values=full["pixel_values"], image_grid_thw=full["image_grid_thw"], use_cache=False,
-                logits_to_keep=T + 1)
-    logits = out.logits[:, :-1]                                          # (B, T, V): position P−1+t predicts token t
-    B, _, V = logits.shape
-    logp, entropy = TokenLogProb.apply(logits.reshape(B * T, V), response_ids.reshape(-1), temperature, chunk,
-                                       placeholder_ids(model))
-    mask = response_mask.float()
-    return logp.view(B, T) * mask, entropy.view(B, T) * mask
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# The loss
-# ---------------------------------------------------------------------------------------------------------------
-
-def grpo_loss(
-    logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, *,
-    ref_logp: torch.Tensor | None = None, clip_low: float = 0.2, clip_high: float = 0.28, kl_coef: float = 0.0,
-    aggregation: str = "token_mean", normalizer: float, world_size: int = 1,
-) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """This micro-batch's share of the global loss, plus summed metrics (divide by `normalizer` counts to log).
-
-    logp, old_logp, ref_logp, mask: (b, T); advantages: (b,). `normalizer` is the *global* count the aggregation
-    divides by: total valid tokens (token_mean), total sequences (seq_mean) or sequences · C (constant).
-    `world_size` undoes FSDP's gradient averaging over ranks so the result is the global sum / normalizer.
-    """
-    if aggregation not in AGGREGATIONS:
-        raise ValueError(f"grpo.aggregation: unknown {aggregation!r}; expected one of {AGGREGATIONS}")
-    if kl_coef > 0 and ref_logp is None:
-        raise ValueError("grpo.kl_coef > 0 needs reference log-probs")
-    mask = mask.float()
-    adv = advantages[:, None].float()                                         # (b, 1)
-    ratio = torch.exp(logp - old_logp)                                         # (b, T)
-    unclipped = ratio * adv
-    clipped = torch.clamp(ratio, 1 - clip_low, 1 + clip_high) * adv
-    per_token = -torch.minimum(unclipped, clipped)                            # (b, T)
-    kl = torch.zeros_like(per_token)
-    if ref_logp is not None:
-        delta = ref_logp - logp
-        kl = torch.exp(delta) - delta - 1                                      # (b, T) k3 >= 0
-        per_token = per_token + kl_coef * kl
-    per_token = per_token * mask
-    if aggregation == "seq_mean":
-        total = (per_token.sum(-1) / mask.sum(-1).clamp(min=1)).sum()
-    else:
-        total = per_token.sum()
-    loss = total * world_size / normalizer
-    with torch.no_grad():
-        # The clip is active where the clipped branch was chosen and differs: that token passes no gradient.
-        is_clipped = (clipped < unclipped) & (mask > 0)
-        metrics = {
-            "clip_frac": is_clipped.float().sum(), "kl": (kl * mask).sum(),
-            "ratio_mean": (ratio * mask).sum(), "ratio_max": (ratio * mask).max(),
-            "tokens": mask.sum(),
-        }
-    return loss, metrics

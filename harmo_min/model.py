@@ -19,6 +19,7 @@ Left out: video inputs, quantised loading, LoRA.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -200,6 +201,32 @@ def placeholder_ids(model) -> list[int]:
     return [i for i in (model.config.image_token_id, model.config.video_token_id) if i is not None]
 
 
+@contextlib.contextmanager
+def encoded_images(model, pixel_values: torch.Tensor | None, image_grid_thw: torch.Tensor | None):
+    """Run the vision tower once; yield each image's features (a tuple of (tokens_j, H)) for the forward inside.
+
+    The tower runs on every call, on one blank 2x2-patch image when there is none: under FSDP2 every rank must run
+    the same units the same number of times and in the same order, forward and backward, or the rank that skips the
+    vision unit's collectives hangs the others. So without images, 0 · (tower output) is added to the input
+    embeddings of the forward inside the block: the tower's backward, and its gradient reduce-scatter, then run on
+    every rank and at the same point of the backward as on a rank whose features entered those embeddings.
+    `model` is a Qwen2.5-VL ForConditionalGeneration or its base Qwen2_5_VLModel.
+    """
+    visual = model.visual if hasattr(model, "visual") else model.model.visual
+    if pixel_values is not None:
+        pooled = visual(pixel_values, grid_thw=image_grid_thw).pooler_output       # (Σ tokens_j, H)
+        yield torch.split(pooled, (image_grid_thw.prod(-1) // visual.spatial_merge_size ** 2).tolist())
+        return
+    vc, device = visual.config, next(visual.parameters()).device
+    blank = torch.zeros(4, vc.in_channels * vc.temporal_patch_size * vc.patch_size ** 2, device=device)
+    idle = visual(blank, grid_thw=torch.tensor([[1, 2, 2]], device=device)).pooler_output.sum() * 0.0
+    hook = model.get_input_embeddings().register_forward_hook(lambda module, args, out: out + idle.to(out.dtype))
+    try:
+        yield ()
+    finally:
+        hook.remove()
+
+
 def _resolve(name_or_path: str | os.PathLike) -> str:
     path = Path(name_or_path).expanduser()
     if path.is_dir():
@@ -210,6 +237,30 @@ def _resolve(name_or_path: str | os.PathLike) -> str:
     if looks_like_path or str(name_or_path).count("/") != 1:
         raise FileNotFoundError(f"model path {name_or_path!r} does not exist")
     return str(name_or_path)  # a hub id: only the local cache is consulted (local_files_only below)
+
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """A config dtype name; "auto" is bfloat16 on a GPU and float32 on a CPU."""
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return DTYPES[name]
+
+
+def load_model(path: str | os.PathLike, *, seed: int = 0, dtype: torch.dtype = torch.float32,
+               device: str | torch.device = "cpu", attn_implementation: str = "sdpa", weights: bool = True):
+    """(model, processor) in eval mode: `build_tiny(seed)` for path "tiny", else `load_policy(path)`.
+    `weights=False` returns (None, processor) without reading any weights (FSDP ranks that receive their shards)."""
+    if str(path) == "tiny":
+        if not weights:
+            return None, build_tiny_processor()
+        model, processor = build_tiny(seed)
+        return model.to(dtype=dtype, device=device), processor
+    if not weights:
+        return None, ImageProcessor.from_pretrained(_resolve(path), local_files_only=True)
+    return load_policy(path, dtype=dtype, device=device, attn_implementation=attn_implementation)
 
 
 def load_policy(

@@ -32,20 +32,18 @@ A pair labelled with an aspect also counts for the scalar: it was preferred beca
 accuracy (a tie counts ½), mean margin s_c − s_r, and per-aspect accuracy on the labelled pairs.
 
 **Loading.** A folder this project saved (the backbone via `save_pretrained`, the processor, `reward_head.safetensors`
-and `reward_config.json`), or the **Skywork-VL-Reward layout**: a Qwen2.5-VL folder plus `value_head.safetensors`
+and `head_config.json`), or the **Skywork-VL-Reward layout**: a Qwen2.5-VL folder plus `value_head.safetensors`
 holding `v_head.summary.weight` (1, H) and `v_head.summary.bias` (1,), read as a scalar model (K = 1, aspect
 "score"); its score is the same `W h_ℓ + b`.
 
-**Preference data.** JSONL records `{"id", "prompt" | "messages", "images", "chosen", "rejected", "aspect"?,
-"chosen_ratings"?, "rejected_ratings"?}`, validated like `data.load_jsonl` (errors name file:line:field); and
-synthetic pairs from the synthetic visual tasks: a correct, well-formatted answer beats a wrong one (aspect
-"correctness") or an unformatted one ("format"); a description of the shapes drawn beats one whose every object has
-a colour absent from the image, and half the time another shape ("faithfulness").
+Preference data (`data.PreferencePair`) is read by `data.load_preference_jsonl` or drawn by
+`synthetic.synthetic_pairs`; `encode_pairs` turns a batch of pairs into one forward. The training loop is
+train_reward_model.py.
 
 **Under FSDP2** (`distributed.apply_fsdp` shards `rm.model` like a policy, the head and gate go with the root)
 every rank must run the same sharded units the same number of times. So `score` pads every rank to the largest
-number of batches, and a text-only batch still sends one blank image through the vision tower (times 0, so its
-backward also runs). A caller inside `distributed.gathered_params` needs neither, and gets both harmlessly.
+number of batches, and every forward runs the vision tower (`model.encoded_images`: a text-only batch sends one
+blank image, times 0, so its backward also runs).
 
 Left out: long-response truncation (the whole sequence is scored), video, reward ensembles, listwise losses.
 """
@@ -61,26 +59,27 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import torch
-import torch.distributed as tdist
+import torch.distributed as dist
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.distributed.fsdp import FSDPModule
 from transformers import Qwen2_5_VLModel
+from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from harmo_min.data import Example, PreferencePair, build_messages, load_images
-from harmo_min.distributed import all_reduce, full_state_dict
-from harmo_min.model import ImageProcessor, mrope_positions
+from harmo_min.distributed import full_state_dict
+from harmo_min.model import ImageProcessor, encoded_images, mrope_positions
 
 GATES = ("fixed", "prompt")
-CONFIG_FILE, HEAD_FILE = "reward_config.json", "reward_head.safetensors"
+CONFIG_FILE, HEAD_FILE = "head_config.json", "reward_head.safetensors"
 SKYWORK_HEAD_FILE, SKYWORK_KEYS = "value_head.safetensors", ("v_head.summary.weight", "v_head.summary.bias")
 TURN_START = "<|im_start|>"  # ChatML, as every Qwen2.5-VL chat template uses
 
 
 @dataclass
-class RewardConfig:
-    """What a saved reward model needs to be rebuilt; `reward_config.json` holds exactly these fields."""
+class HeadConfig:
+    """The head's architecture (the `head:` config section); `head_config.json` of a saved model holds exactly these."""
 
     aspects: list[str] = field(default_factory=lambda: ["score"])
     gate: str = "fixed"
@@ -89,7 +88,7 @@ class RewardConfig:
     gate_hidden: int = 256
 
     def __post_init__(self) -> None:
-        p = "reward_model"
+        p = "head"
         if not self.aspects or not all(isinstance(a, str) and re.fullmatch(r"\w+", a) for a in self.aspects):
             raise ValueError(f"{p}.aspects: need a non-empty list of names (letters, digits, _), got {self.aspects!r}")
         if len(set(self.aspects)) != len(self.aspects):
@@ -110,7 +109,7 @@ class RewardConfig:
                 raise ValueError(f"{p}.fixed_weights: only used with gate 'fixed', but gate is {self.gate!r}")
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any], where: str = "reward_model") -> "RewardConfig":
+    def from_dict(cls, d: dict[str, Any], where: str = "head") -> "HeadConfig":
         unknown = set(d) - {f for f in cls.__dataclass_fields__}
         if unknown:
             raise ValueError(f"{where}: unknown key(s) {sorted(unknown)}; expected some of {sorted(cls.__dataclass_fields__)}")
@@ -176,7 +175,7 @@ def encode_responses(processor, examples: Sequence[Example], responses: Sequence
 class RewardModel(nn.Module):
     """Qwen2.5-VL backbone (`.model`, no LM head) + linear head with K outputs + gate; see the module docstring."""
 
-    def __init__(self, backbone: Qwen2_5_VLModel, processor, config: RewardConfig):
+    def __init__(self, backbone: Qwen2_5_VLModel, processor, config: HeadConfig):
         super().__init__()
         if not isinstance(backbone, Qwen2_5_VLModel):  # a ForConditionalGeneration: keep its base, drop the LM head
             backbone = backbone.model
@@ -213,11 +212,11 @@ class RewardModel(nn.Module):
         # on the model between calls (HF's own fallback would do both less carefully for text-only batches).
         position_ids, _ = mrope_positions(self, batch)                                  # (3, N, T)
         with torch.set_grad_enabled(torch.is_grad_enabled() and self.backbone_trainable):
-            # Before the decoder, where an image batch runs the vision tower: every rank all-gathers in one order.
-            idle = self._idle_vision_pass() if pixel_values is None and isinstance(self, FSDPModule) else 0.0
-            hidden = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                                pixel_values=pixel_values, image_grid_thw=image_grid_thw,
-                                use_cache=False).last_hidden_state + idle               # (N, T, H)
+            # The vision tower runs on every forward, images or not: every rank all-gathers its shards in one order.
+            with encoded_images(self.model, pixel_values, image_grid_thw) as features:
+                encoded = {"image": BaseModelOutputWithPooling(pooler_output=features)} if features else None
+                hidden = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                    mm_encoder_outputs=encoded, use_cache=False).last_hidden_state  # (N, T, H)
         rows = torch.arange(hidden.shape[0], device=hidden.device)
         dtype = self.head.weight.dtype
         aspects = self.head(hidden[rows, last_token_index(attention_mask)].to(dtype))  # (N, K)
@@ -230,16 +229,6 @@ class RewardModel(nn.Module):
             gate = self.fixed_gate.float().expand_as(aspects)                            # (N, K)
         aspects = aspects.float()
         return RewardOutput(aspects=aspects, gate=gate, scalar=(gate * aspects).sum(-1))
-
-    def _idle_vision_pass(self) -> torch.Tensor:
-        # FSDP all-gathers a unit's shards inside its forward: a rank that skips the vision tower while another
-        # rank runs it hangs the job. One blank 2x2-patch image keeps every rank in step; ×0 keeps the result.
-        vc = self.model.config.vision_config
-        device = self.head.weight.device
-        pixels = torch.zeros(4, vc.in_channels * vc.temporal_patch_size * vc.patch_size ** 2, device=device,
-                             dtype=self.model.visual.dtype)
-        out = self.model.visual(pixels, grid_thw=torch.tensor([[1, 2, 2]], device=device))
-        return out.pooler_output.sum() * 0.0
 
     @torch.no_grad()
     def score(self, examples: Sequence[Example], responses: Sequence[str], *, answer_format: str | None = "think_answer",
@@ -255,7 +244,9 @@ class RewardModel(nn.Module):
         device = self.head.weight.device
         n_batches = math.ceil(len(examples) / batch_size)
         if isinstance(self, FSDPModule):
-            n_batches = int(all_reduce(torch.tensor([n_batches], device=device), tdist.ReduceOp.MAX).item())
+            most = torch.tensor([n_batches], device=device)
+            dist.all_reduce(most, op=dist.ReduceOp.MAX)
+            n_batches = int(most.item())
         was_training = self.training
         self.eval()
         aspects, scalars = [], []
@@ -271,6 +262,8 @@ class RewardModel(nn.Module):
                 aspects.append(out.aspects.cpu())
                 scalars.append(out.scalar.cpu())
         self.train(was_training)
+        if isinstance(self, FSDPModule):  # see distributed.forward_only
+            self.reset_iter_state()
         if not aspects:
             return torch.zeros(0, len(self.aspects)), torch.zeros(0)
         return torch.cat(aspects), torch.cat(scalars)                                   # (N, K), (N,)
@@ -283,7 +276,7 @@ class RewardModel(nn.Module):
         """Write backbone + processor + head + config; under FSDP a collective (every rank calls, rank 0 writes)."""
         out = Path(out_dir)
         if isinstance(self, FSDPModule):
-            state, is_main = full_state_dict(self), tdist.get_rank() == 0
+            state, is_main = full_state_dict(self), dist.get_rank() == 0
         else:
             state, is_main = self.state_dict(), True
         if is_main:
@@ -295,7 +288,7 @@ class RewardModel(nn.Module):
             save_file(head, str(out / HEAD_FILE), metadata={"format": "pt"})
             (out / CONFIG_FILE).write_text(json.dumps({"format": "harmo_min.reward_model", **asdict(self.config)}, indent=2))
         if isinstance(self, FSDPModule):
-            tdist.barrier()
+            dist.barrier()
         return out
 
     @classmethod
@@ -308,10 +301,10 @@ class RewardModel(nn.Module):
         if (folder / CONFIG_FILE).is_file():
             raw = json.loads((folder / CONFIG_FILE).read_text())
             raw.pop("format", None)
-            config = RewardConfig.from_dict(raw, where=str(folder / CONFIG_FILE))
+            config = HeadConfig.from_dict(raw, where=str(folder / CONFIG_FILE))
             head = load_file(str(folder / HEAD_FILE))
         elif (folder / SKYWORK_HEAD_FILE).is_file():
-            config, head = RewardConfig(aspects=["score"]), _read_skywork_head(folder / SKYWORK_HEAD_FILE)
+            config, head = HeadConfig(aspects=["score"]), _read_skywork_head(folder / SKYWORK_HEAD_FILE)
         else:
             raise FileNotFoundError(f"{folder}: neither {CONFIG_FILE} (a harmo_min reward model) nor {SKYWORK_HEAD_FILE} "
                                     "(Skywork-VL-Reward layout): not a reward model folder")
@@ -341,13 +334,13 @@ class Scorer:
         return self.model.score(examples, responses, answer_format=self.answer_format, batch_size=self.batch_size)
 
 
-def load_scorer(path: str | os.PathLike, *, dist=None, batch_size: int = 16, answer_format: str | None = "think_answer",
+def load_scorer(path: str | os.PathLike, *, world=None, batch_size: int = 16, answer_format: str | None = "think_answer",
                 dtype: torch.dtype | None = None) -> Scorer:
     """A frozen reward model on this rank's device, unsharded: every rank scores its own items, no collectives.
 
     bf16 on a GPU (a 7B reward model is ~15 GiB per GPU), float32 on the CPU; the head stays float32.
     """
-    device = dist.device if dist is not None else torch.device("cpu")
+    device = world.device if world is not None else torch.device("cpu")
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     return Scorer(RewardModel.from_pretrained(path, dtype=dtype, device=device), batch_size, answer_format)
 
@@ -373,8 +366,9 @@ def bradley_terry(chosen: torch.Tensor, rejected: torch.Tensor) -> torch.Tensor:
     return F.softplus(rejected - chosen)
 
 
-def _wins(margin: torch.Tensor) -> torch.Tensor:
-    return (margin > 0).float() + 0.5 * (margin == 0).float()  # a tie is a coin flip, not a win
+def pair_wins(margin: torch.Tensor) -> torch.Tensor:
+    """1 where the chosen response scored higher, ½ for a tie (a coin flip, not a win), 0 otherwise."""
+    return (margin > 0).float() + 0.5 * (margin == 0).float()
 
 
 def preference_loss(chosen: RewardOutput, rejected: RewardOutput, aspect_index: torch.Tensor, *,
@@ -402,8 +396,8 @@ def preference_loss(chosen: RewardOutput, rejected: RewardOutput, aspect_index: 
     return {
         "loss": bt + aspect_weight * bt_aspect + rating_weight * rating_mse,
         "bt": bt.detach(), "bt_aspect": bt_aspect.detach(), "rating_mse": rating_mse.detach(),
-        "accuracy": _wins(margin.detach()).mean(), "margin": margin.detach().mean(),
-        "aspect_correct": (_wins(aspect_margin.detach())[:, None] * onehot).sum(0), "aspect_count": onehot.sum(0),
+        "accuracy": pair_wins(margin.detach()).mean(), "margin": margin.detach().mean(),
+        "aspect_correct": (pair_wins(aspect_margin.detach())[:, None] * onehot).sum(0), "aspect_count": onehot.sum(0),
     }
 
 

@@ -4,17 +4,23 @@ For each group of G responses to one prompt, every reward aspect is computed for
 are combined into one scalar per response. Pure Python, no torch: reward-model scores come in as plain numbers
 and checkable answers go to the rule verifier (`harmo_min.verifier`). Config keys are `reward.<key>` [default].
 
-    cfg = RewardConfig.from_dict(config["reward"]).resolve(max_new_tokens)
+    cfg = RewardConfig.from_dict(config["reward"], answer_format=config["data"]["answer_format"])
+    cfg = cfg.resolve(max_new_tokens)
     out = score_batch(examples, texts, lengths=lengths, finish_reasons=finish_reasons, model_scores=None, cfg=cfg)
     out[k].total (G,), out[k].breakdown["length"] (G,), out[k].route (G,); route_counts(out) for the step log
 
 Aspects (unweighted values, all reported in `GroupRewards.breakdown`)
-  accuracy     hybrid, in [0, 1]; see the routing table. Always computed (the length penalty, dynamic sampling
-               and the logs need it), whatever its weight.
-  format       r_fmt ∈ {0, 1}. format=think_answer [default]: the whole response is
-               `<think>…</think><answer>…</answer>` (DOTALL, only whitespace outside and between the blocks,
-               exactly one of each of the four tags, non-empty answer). format=boxed: the last `\boxed{…}` has
-               balanced braces and non-empty content.
+  accuracy     in [0, 1]; see the routing table. Always computed (the length penalty, dynamic sampling and the
+               logs need it), whatever its weight.
+  format       r_fmt ∈ {0, 1}: the response has the shape its prompt asked for. The answer format is one concept
+               with one key, data.answer_format (ANSWER_FORMATS; the trainer passes it to from_dict):
+                 think_answer  the whole response is <think>…</think><answer>…</answer>: exactly one of each tag,
+                               in that order, only whitespace outside and between the blocks, non-empty answer
+                 boxed         the last box (`verifier.last_boxed`: \boxed{…}, \fbox{…} or `\boxed 5`) is
+                               well-formed and non-empty
+                 bare          no shape to check: weights.format must be 0 (and accuracy_requires_format false)
+               Tags match in any ASCII case and boxes are found by the verifier's own parsers (`answer_block`,
+               `last_boxed`): format 1 means the verifier reads the answer from the place the prompt named.
   instruction  r_inst ∈ [0, 1]: fraction of the example's constraints satisfied; 1 when it has none.
   length       HARMO group length penalty. L* = length in tokens of the shortest *correct* response
                (accuracy ≥ correct_threshold [0.5]). An incorrect response with L < L* gets
@@ -26,18 +32,24 @@ Aspects (unweighted values, all reported in `GroupRewards.breakdown`)
                A response cut off by the token limit (finish_reason "length") counts as L ≥ L_max: it never
                finished. With L_buf = 0 it is a step: −1 for the responses that reach L_max, 0 for the rest.
 
-Routing of the accuracy (c = verdict confidence, s = reward-model score, T = rm_temperature [1.0])
-  task        verdict                         model score   route                 accuracy
-  open        (not verified)                  given         model                 sigmoid(s / T)
-  open        (not verified)                  missing       none                  0
-  verifiable  c > 0 and c ≥ min_confidence    any           rule                  1 if correct else 0
-  verifiable  c < min_confidence [0.5]        given         model                 sigmoid(s / T)
-  verifiable  0 < c < min_confidence          missing       rule_low_confidence   1 if correct else 0
-  verifiable  c = 0                           missing       none                  0
-"missing" means no reward model (model_scores=None) or a None / NaN / inf entry. c = 0 is an unparseable gold,
-a verifier timeout or error: such a verdict carries no information, so on its own it never gives accuracy 1.
-Route "none" is a real outcome, counted by `route_counts`: a dataset of open items trained without a reward model
-shows up in the logs instead of silently scoring 1 (or 0) everywhere.
+Routing of the accuracy (c = verdict confidence, s = reward-model score, T = rm_temperature [1.0]).
+accuracy_source [hybrid] picks the source; rule and model are the paper's single-source ablations.
+  source  task        verdict                         model score   route                 accuracy
+  hybrid  open        (not verified)                  given         model                 sigmoid(s / T)
+  hybrid  open        (not verified)                  missing       none                  0
+  hybrid  verifiable  c > 0 and c ≥ min_confidence    any           rule                  1 if correct else 0
+  hybrid  verifiable  c < min_confidence [0.5]        given         model                 sigmoid(s / T)
+  hybrid  verifiable  0 < c < min_confidence          missing       rule_low_confidence   1 if correct else 0
+  hybrid  verifiable  c = 0                           missing       none                  0
+  rule    open        (not verified)                  ignored       none                  0
+  rule    verifiable  as hybrid with every score missing (the trainer runs no reward model)
+  model   any         (not verified)                  given         model                 sigmoid(s / T)
+  model   any         (not verified)                  missing       none                  0
+"missing" means no reward model (model_scores=None) or an entry that is not a finite float: None, NaN, ±inf,
+or an integer beyond float range (10**400). c = 0 is an unparseable gold, a verifier timeout or error: such a
+verdict carries no information, so on its own it never gives accuracy 1. Route "none" is a real outcome, counted
+by `route_counts`: a dataset of open items trained without a reward model shows up in the logs instead of
+silently scoring 1 (or 0) everywhere.
 
 Combination (w_a = weights.<aspect> [accuracy 1.0, format 0.1, instruction 0.1, length 1.0, overlong 0.0])
   combine=sum_then_normalize [default]:  R_i = Σ_a w_a · r_a,i       (grpo.py then normalises R within the group)
@@ -47,10 +59,10 @@ Combination (w_a = weights.<aspect> [accuracy 1.0, format 0.1, instruction 0.1, 
 A weight of 0 switches an aspect off (not computed, not in the breakdown), accuracy excepted.
 
 Constraints (`example.constraints`, a list of {"kind": …, …}; checked by `validate_constraint`)
-  Word counts and substring checks look at the *visible* text: the last <answer>…</answer> block when there is one,
-  else the response minus its <think> blocks (an unclosed <think> hides everything after it). Words are
-  whitespace-separated, so a run of CJK text without spaces is one word. The two answer checks read the final
-  answer as the verifier extracts it (`extract_answer`).
+  Word counts and substring checks look at the *visible* text: the last <answer>…</answer> block when there is one
+  (`verifier.answer_block`), else the response minus its <think> blocks (an unclosed <think> hides everything
+  after it). Words are whitespace-separated, so a run of CJK text without spaces is one word. The two answer checks
+  read the final answer as the verifier extracts it (`extract_answer`).
   max_words {value: int ≥ 0}        min_words {value: int ≥ 0}
   must_include {value: str}         must_not_include {value: str}          (case-insensitive)
   answer_is_choice_letter           a single capital letter, optionally "(B)" or "B.", among the letters of the
@@ -60,24 +72,29 @@ Constraints (`example.constraints`, a list of {"kind": …, …}; checked by `va
                                     Script, not language: en and fr look alike, Han-only Japanese looks like zh.
 
 New aspects: decorate `fn(example, response, ctx) -> float` (per response) or `fn(example, group) -> list[float]`
-(group=True) with `@register_aspect("name")`, then set `reward.weights.name: w`. Left out: the reward-model forward
-(scores come in as numbers), reference answers, per-aspect parameters for user aspects, and the advantage (grpo.py).
+(group=True) with `@register_aspect("name")` in your own module, list the module in `reward.plugins` (imported
+before the weights are checked) and set `reward.weights.name: w`. Left out: the reward-model forward (scores come
+in as numbers), reference answers, per-aspect parameters for user aspects, and the advantage (grpo.py).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib
 import math
 import re
 from dataclasses import dataclass, field
 from numbers import Integral, Real
 from typing import Any, Callable, Sequence
 
-from harmo_min.verifier import Verdict, extract_answer, verify, verify_batch
+from harmo_min.verifier import Verdict, answer_block, extract_answer, last_boxed, verify, verify_batch
 
+ANSWER_FORMATS = ("think_answer", "boxed", "bare")  # data.answer_format; data.py keys its prompt instructions by
+# these (the tuple lives here because data.py imports this module, not the other way round)
+CHECKED_FORMATS = ("think_answer", "boxed")  # the answer formats with a shape that format_ok checks
+ACCURACY_SOURCES = ("hybrid", "rule", "model")
 COMBINE_MODES = ("sum_then_normalize", "normalize_then_sum")
-FORMATS = ("think_answer", "boxed")
 ROUTES = ("rule", "model", "rule_low_confidence", "none")
 DEFAULT_WEIGHTS = {"accuracy": 1.0, "format": 0.1, "instruction": 0.1, "length": 1.0, "overlong": 0.0}
 
@@ -94,12 +111,18 @@ def _check_number(key: str, value: Any, ok: Callable[[Any], bool], rule: str, in
         raise ValueError(f"{key}: must be {'an integer' if integer else 'a number'} {rule}, got {value!r}")
 
 
+def _check_choice(key: str, value: Any, options: tuple[str, ...]) -> None:
+    if value not in options:
+        raise ValueError(f"{key}: {value!r} is not one of {options}{_did_you_mean(value, options)}")
+
+
 # ---------------------------------------------------------------------------------------------------- config
 @dataclass(frozen=True)
 class RewardConfig:
     weights: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_WEIGHTS))
     combine: str = "sum_then_normalize"
-    format: str = "think_answer"
+    answer_format: str = "think_answer"  # data.answer_format, passed in by the trainer: not a `reward:` key
+    accuracy_source: str = "hybrid"
     accuracy_requires_format: bool = False
     min_confidence: float = 0.5
     rm_temperature: float = 1.0
@@ -111,38 +134,59 @@ class RewardConfig:
     norm_eps: float = 1e-4
     verifier_timeout_s: float = 1.0
     workers: int = 0
+    plugins: tuple[str, ...] = ()  # modules imported before the weights are checked: they register aspects
     prefix: str = field(default="reward", repr=False, compare=False)  # only for error messages
 
     @classmethod
-    def from_dict(cls, d: dict | None, prefix: str = "reward") -> RewardConfig:
-        """Build from the `reward:` YAML section. Given weights override the defaults one by one."""
+    def from_dict(cls, d: dict | None, *, answer_format: str, prefix: str = "reward") -> RewardConfig:
+        """Build from the `reward:` YAML section and data.answer_format. Given weights override the defaults
+        one by one."""
         d = {} if d is None else d
         if not isinstance(d, dict):
             raise ValueError(f"{prefix}: must be a mapping, got {type(d).__name__}")
-        keys = [f.name for f in dataclasses.fields(cls) if f.name != "prefix"]
+        keys = [f.name for f in dataclasses.fields(cls) if f.name not in ("prefix", "answer_format")]
         for key in d:
+            if key in ("format", "answer_format"):
+                raise ValueError(f"{prefix}.{key}: not a reward key; the answer format (and so the format checked) "
+                                 f"is data.answer_format, one of {ANSWER_FORMATS}")
             if key not in keys:
                 raise ValueError(f"{prefix}.{key}: unknown key{_did_you_mean(key, keys)}")
-        weights = d.get("weights") or {}
+        weights, plugins = d.get("weights") or {}, d.get("plugins") or []
         if not isinstance(weights, dict):
             raise ValueError(f"{prefix}.weights: must be a mapping of aspect name to weight, got {weights!r}")
-        return cls(**{**d, "weights": {**DEFAULT_WEIGHTS, **weights}}, prefix=prefix)
+        if not isinstance(plugins, (list, tuple)):
+            raise ValueError(f"{prefix}.plugins: must be a list of module names, got {plugins!r}")
+        return cls(**{**d, "weights": {**DEFAULT_WEIGHTS, **weights}, "plugins": tuple(plugins)},
+                   answer_format=answer_format, prefix=prefix)
 
     def __post_init__(self) -> None:  # runs for from_dict, the constructor and dataclasses.replace alike
         p = self.prefix
+        for i, name in enumerate(self.plugins):  # first: the weights may name the aspects they register
+            if not isinstance(name, str) or not name:
+                raise ValueError(f"{p}.plugins[{i}]: must be a module name such as my_rewards, got {name!r}")
+            try:
+                importlib.import_module(name)
+            except Exception as e:  # the user's module: whatever it raises, say which config entry it was
+                raise ValueError(f"{p}.plugins[{i}]: cannot import {name!r} ({type(e).__name__}: {e})") from e
         for name, w in self.weights.items():
             if name not in ASPECTS:
                 raise ValueError(f"{p}.weights.{name}: unknown aspect '{name}'{_did_you_mean(name, ASPECTS)}")
             _check_number(f"{p}.weights.{name}", w, lambda v: True, "(finite)")
         if all(w == 0 for w in self.weights.values()):
             raise ValueError(f"{p}.weights: all weights are zero, the reward would be constant")
-        for key, options in (("combine", COMBINE_MODES), ("format", FORMATS)):
-            if getattr(self, key) not in options:
-                value = getattr(self, key)
-                raise ValueError(f"{p}.{key}: {value!r} is not one of {options}{_did_you_mean(value, options)}")
+        _check_choice(f"{p}.combine", self.combine, COMBINE_MODES)
+        _check_choice(f"{p}.accuracy_source", self.accuracy_source, ACCURACY_SOURCES)
+        _check_choice("data.answer_format", self.answer_format, ANSWER_FORMATS)
         if not isinstance(self.accuracy_requires_format, bool):
             raise ValueError(f"{p}.accuracy_requires_format: must be true or false, "
                              f"got {self.accuracy_requires_format!r}")
+        if self.answer_format not in CHECKED_FORMATS:  # bare: a reward for a format nobody asked for is noise
+            if self.weights.get("format", 0) != 0:
+                raise ValueError(f"{p}.weights.format: must be 0 when data.answer_format is "
+                                 f"{self.answer_format} (there is no format to check), got {self.weights['format']}")
+            if self.accuracy_requires_format:
+                raise ValueError(f"{p}.accuracy_requires_format: must be false when data.answer_format is "
+                                 f"{self.answer_format} (there is no format to require)")
         _check_number(f"{p}.min_confidence", self.min_confidence, lambda v: 0 <= v <= 1, "in [0, 1]")
         _check_number(f"{p}.rm_temperature", self.rm_temperature, lambda v: v > 0, "> 0")
         _check_number(f"{p}.correct_threshold", self.correct_threshold, lambda v: 0 < v <= 1, "in (0, 1]")
@@ -190,7 +234,7 @@ class Group:
     finish_reasons: list[str]
     accuracy: list[float]
     route: list[str]
-    verdicts: list[Verdict | None]  # None for open items
+    verdicts: list[Verdict | None]  # None where the verifier did not run (open items, accuracy_source model)
     model_scores: list[float | None]
     cfg: RewardConfig
 
@@ -243,51 +287,39 @@ def validate_constraint(c: dict) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------- reading the text
-_THINK_ANSWER_RE = re.compile(r"\s*<think>.*?</think>\s*<answer>(.*?)</answer>\s*", re.DOTALL)
-_TAGS = ("<think>", "</think>", "<answer>", "</answer>")
+_TAG = re.compile(r"</?(?:think|answer)>", re.I | re.A)  # ASCII case only, as verifier.answer_block
+_THINK_TAG = re.compile(r"</?think>", re.I | re.A)
+
+
+def format_ok(response: str, answer_format: str) -> bool:
+    """Whether the response has the shape `answer_format` (think_answer or boxed) asks for; see the module
+    docstring. Read with the verifier's parsers, so format 1 means the verifier finds the answer there."""
+    if answer_format == "boxed":
+        return bool((last_boxed(response) or "").strip())
+    if answer_format != "think_answer":
+        raise ValueError(f"format_ok: {answer_format!r} has no format to check; expected one of {CHECKED_FORMATS}")
+    tags = list(_TAG.finditer(response))  # one pass; duplicated or nested tags fail the exact sequence below
+    if [m.group().lower() for m in tags] != ["<think>", "</think>", "<answer>", "</answer>"]:
+        return False
+    outside = response[:tags[0].start()] + response[tags[1].end():tags[2].start()] + response[tags[3].end():]
+    return not outside.strip() and bool(answer_block(response).strip())
 
 
 def visible_text(response: str) -> str:
-    """What the user reads: the last <answer> block, else the response without its reasoning.
-    Written with str.find, not regexes: a lazy `<think>.*?</think>` is quadratic on "<think>" * 50_000."""
-    end = response.rfind("</answer>")
-    start = response.rfind("<answer>", 0, max(end, 0))
-    if end >= 0 and start >= 0:
-        return response[start + len("<answer>"):end]
-    parts, pos = [], 0
-    while (start := response.find("<think>", pos)) >= 0:
-        parts.append(response[pos:start])
-        pos = response.find("</think>", start)
-        if pos < 0:  # unclosed: everything after it is reasoning
-            return " ".join(parts)
-        pos += len("</think>")
-    return " ".join(parts + [response[pos:]])
-
-
-def last_boxed(text: str) -> str | None:
-    """Content of the last \\boxed{…} with balanced braces, or None."""
-    start = text.rfind("\\boxed{")
-    if start < 0:
-        return None
-    open_at, depth = start + len("\\boxed"), 0
-    for j in range(open_at, len(text)):
-        if text[j] == "{":
-            depth += 1
-        elif text[j] == "}":
-            depth -= 1
-            if depth == 0:
-                return text[open_at + 1:j]
-    return None
-
-
-def format_ok(response: str, fmt: str) -> bool:
-    if fmt == "boxed":
-        return bool((last_boxed(response) or "").strip())
-    # Counting first keeps the regex linear and rejects duplicated or nested tags that a lazy match would accept.
-    if any(response.count(tag) != 1 for tag in _TAGS):
-        return False
-    m = _THINK_ANSWER_RE.fullmatch(response)
-    return bool(m and m.group(1).strip())
+    """What the user reads: the last answer block (`verifier.answer_block`), else the response without its
+    <think> blocks (tags in any ASCII case; an unclosed <think> hides everything after it)."""
+    block = answer_block(response)
+    if block is not None:
+        return block
+    parts, start, inside = [], 0, False
+    for m in _THINK_TAG.finditer(response):  # one pass: a lazy <think>.*?</think> is quadratic on "<think>" * 50_000
+        closing = m.group()[1] == "/"
+        if inside and closing:
+            inside, start = False, m.end()
+        elif not inside and not closing:
+            parts.append(response[start:m.start()])
+            inside = True
+    return " ".join(parts if inside else parts + [response[start:]])
 
 
 # ---------------------------------------------------------------------------------------------------- constraints
@@ -295,7 +327,7 @@ def _is_count(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool) and v >= 0
 
 
-def _is_text(v: Any) -> bool:
+def _is_nonempty_str(v: Any) -> bool:
     return isinstance(v, str) and v.strip() != ""
 
 
@@ -309,12 +341,12 @@ def _min_words(example: Any, response: str, c: dict) -> bool:
     return len(visible_text(response).split()) >= c["value"]
 
 
-@register_constraint("must_include", ("a non-empty string", _is_text))
+@register_constraint("must_include", ("a non-empty string", _is_nonempty_str))
 def _must_include(example: Any, response: str, c: dict) -> bool:
     return c["value"].casefold() in visible_text(response).casefold()
 
 
-@register_constraint("must_not_include", ("a non-empty string", _is_text))
+@register_constraint("must_not_include", ("a non-empty string", _is_nonempty_str))
 def _must_not_include(example: Any, response: str, c: dict) -> bool:
     return c["value"].casefold() not in visible_text(response).casefold()
 
@@ -370,17 +402,28 @@ def _sigmoid(x: float) -> float:
 
 def route_accuracy(task: str, verdict: Verdict | None, score: float | None, cfg: RewardConfig) -> tuple[float, str]:
     """(accuracy, route) of one response; the table in the module docstring, row by row."""
-    has_score = score is not None and math.isfinite(score)
-    if task == "open":
-        return (_sigmoid(score / cfg.rm_temperature), "model") if has_score else (0.0, "none")
+    score = None if cfg.accuracy_source == "rule" else _finite(score)
+    if task == "open" or cfg.accuracy_source == "model":
+        return (_sigmoid(score / cfg.rm_temperature), "model") if score is not None else (0.0, "none")
     c = verdict.confidence
     if c > 0 and c >= cfg.min_confidence:
         return float(verdict.correct), "rule"
-    if has_score:
+    if score is not None:
         return _sigmoid(score / cfg.rm_temperature), "model"
     if c > 0:
         return float(verdict.correct), "rule_low_confidence"
     return 0.0, "none"
+
+
+def _finite(score: float | None) -> float | None:
+    """The score as a finite float, or None when it is missing: None, NaN, ±inf or an int beyond float range."""
+    if score is None:
+        return None
+    try:
+        x = float(score)
+    except OverflowError:  # 10**400: no float holds it; like inf, it is no usable score
+        return None
+    return x if math.isfinite(x) else None
 
 
 def _task(example: Any) -> str:
@@ -405,7 +448,7 @@ def accuracy(example: Any, group: Group) -> list[float]:
 
 @register_aspect("format")
 def format_reward(example: Any, response: str, ctx: Ctx) -> float:
-    return float(format_ok(response, ctx.cfg.format))
+    return float(format_ok(response, ctx.cfg.answer_format))
 
 
 @register_aspect("instruction")
@@ -450,12 +493,18 @@ class GroupRewards:
     route: list[str]  # (G,) which source decided the accuracy
 
 
-def _check_list(key: str, values: Any, n: int, ok: Callable[[Any], bool], what: str) -> None:
-    if values is None or len(values) != n:
-        raise ValueError(f"{key}: expected {n} entries (one per response), got {values!r:.80}")
-    for i, v in enumerate(values):
-        if not ok(v):
-            raise ValueError(f"{key}[{i}]: must be {what}, got {v!r:.80}")
+def _is_number(v: Any) -> bool:
+    # float and int first: isinstance against the Real ABC costs microseconds, and this runs for every response
+    return type(v) in (float, int) or (isinstance(v, Real) and not isinstance(v, bool))
+
+
+def _check_scores(scores: list, n: int) -> None:
+    """Reward-model scores come from the user's model: say which entry is wrong rather than mis-zip them."""
+    if len(scores) != n:
+        raise ValueError(f"model_scores: expected {n} entries (one per response), got {len(scores)}")
+    for i, v in enumerate(scores):
+        if v is not None and not _is_number(v):
+            raise ValueError(f"model_scores[{i}]: must be a number or None, got {v!r:.80}")
 
 
 def _normalize(xs: list[float], eps: float) -> list[float]:
@@ -481,31 +530,27 @@ def score_group(example: Any, responses: Sequence[str], *, lengths: Sequence[int
                 model_scores: Sequence[float | None] | None = None, cfg: RewardConfig,
                 verdicts: Sequence[Verdict] | None = None) -> GroupRewards:
     """Score the G responses to one prompt. `verdicts` (one per response) skips the verifier: score_batch
-    passes verdicts computed in parallel, tests pass hand-made ones."""
+    passes verdicts computed in parallel, tests pass hand-made ones. The trainer builds responses, lengths and
+    finish reasons itself (asserted); the example, model scores and user aspects are checked with clear errors."""
     n = len(responses)
-    if n == 0:
-        raise ValueError(f"example {getattr(example, 'id', '?')}: empty group of responses")
-    _check_list("responses", responses, n, lambda v: isinstance(v, str), "a str")
-    _check_list("lengths", lengths, n, lambda v: isinstance(v, Integral) and not isinstance(v, bool) and v >= 0,
-                "a non-negative integer number of tokens")
-    _check_list("finish_reasons", finish_reasons, n, lambda v: isinstance(v, str), "a str")
+    assert n > 0 and len(lengths) == n and len(finish_reasons) == n, (n, len(lengths), len(finish_reasons))
     scores = [None] * n if model_scores is None else list(model_scores)
-    _check_list("model_scores", scores, n, lambda v: v is None or (isinstance(v, Real) and not isinstance(v, bool)),
-                "a number or None")
+    _check_scores(scores, n)
     task = _task(example)
-    for c in getattr(example, "constraints", None) or []:
-        validate_constraint(c)  # a bad constraint is a data bug: say so rather than score it 0 forever
-    if task == "open":
+    if cfg.weights.get("instruction", 0) != 0:
+        for c in getattr(example, "constraints", None) or []:
+            validate_constraint(c)  # data.py checks loaded data; an example built in code reaches us unchecked
+    if task == "open" or cfg.accuracy_source == "model":
         verdicts = [None] * n
     elif verdicts is None:
         verdicts = [verify(r, _gold(example), choices=getattr(example, "choices", None),
                            timeout_s=cfg.verifier_timeout_s) for r in responses]
-    _check_list("verdicts", verdicts, n, lambda v: v is None or hasattr(v, "confidence"), "a Verdict")
+    assert len(verdicts) == n, (len(verdicts), n)
 
     routed = [route_accuracy(task, v, s, cfg) for v, s in zip(verdicts, scores)]
     acc, route = [a for a, _ in routed], [r for _, r in routed]
     if cfg.accuracy_requires_format:
-        acc = [a if format_ok(r, cfg.format) else 0.0 for a, r in zip(acc, responses)]
+        acc = [a if format_ok(r, cfg.answer_format) else 0.0 for a, r in zip(acc, responses)]
     group = Group(list(responses), list(lengths), list(finish_reasons), acc, route, list(verdicts), scores, cfg)
 
     breakdown: dict[str, list[float]] = {}
@@ -517,7 +562,11 @@ def score_group(example: Any, responses: Sequence[str], *, lengths: Sequence[int
             values = [aspect.fn(example, r, Ctx(i, lengths[i], finish_reasons[i], acc[i], route[i], cfg))
                       for i, r in enumerate(responses)]
         # A NaN here would silently poison every advantage of the batch: fail loudly on a broken aspect.
-        _check_list(f"aspect {name}", values, n, lambda v: isinstance(v, Real) and math.isfinite(v), "a finite number")
+        if len(values) != n:
+            raise ValueError(f"aspect {name}: expected {n} values (one per response), got {len(values)}")
+        for i, v in enumerate(values):
+            if not _is_number(v) or not math.isfinite(v):
+                raise ValueError(f"aspect {name}[{i}]: must be a finite number, got {v!r:.80}")
         breakdown[name] = [float(v) for v in values]
     return GroupRewards(combine(breakdown, cfg), breakdown, route)
 
@@ -530,16 +579,16 @@ def score_batch(examples: Sequence[Any], groups: Sequence[Sequence[str]], *, len
                      ("model_scores", model_scores)):
         if seq is not None and len(seq) != len(examples):
             raise ValueError(f"{key}: expected {len(examples)} groups (one per example), got {len(seq)}")
-    checkable = [_task(ex) == "verifiable" for ex in examples]
+    checked = [_task(ex) == "verifiable" and cfg.accuracy_source != "model" for ex in examples]
     items = [(r, _gold(ex), getattr(ex, "choices", None))
-             for ex, group, ok in zip(examples, groups, checkable) if ok for r in group]
+             for ex, group, ok in zip(examples, groups, checked) if ok for r in group]
     verdicts = iter(verify_batch(items, workers=cfg.workers if workers is None else workers,
                                  timeout_s=cfg.verifier_timeout_s))
     out = []
     for k, (ex, group) in enumerate(zip(examples, groups)):
         out.append(score_group(ex, group, lengths=lengths[k], finish_reasons=finish_reasons[k],
                                model_scores=None if model_scores is None else model_scores[k], cfg=cfg,
-                               verdicts=[next(verdicts) for _ in group] if checkable[k] else None))
+                               verdicts=[next(verdicts) for _ in group] if checked[k] else None))
     return out
 
 

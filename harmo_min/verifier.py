@@ -2,20 +2,23 @@ r"""The rule verifier: the rule-based half of HARMO's hybrid accuracy reward.
 
 `verify(response, gold, choices=None)` decides whether a model's final answer matches the gold answer of a
 verifiable item (math, geometry, charts, multiple choice), with a confidence that tells the combiner when to
-trust the decision. `verify_batch` scores a rollout batch, optionally in worker processes.
+trust the decision. `verify_batch` scores a rollout batch, optionally in a persistent pool of worker processes.
 
     >>> verify(r"so the area is <answer>\frac{1}{2}</answer>", "0.5")
     Verdict(correct=True, confidence=1.0, pred='\\frac{1}{2}', reason='numeric')
 
 Pipeline, cheapest first (most rollouts never reach sympy):
-1. Extraction (`extract_answer`): the last <answer>...</answer> (a \boxed{} inside it is unwrapped), else the
-   last \boxed{...} with balanced braces (a malformed last box is no answer: an earlier one never counts),
-   else the last "the answer is ..." / "Answer: ..." phrase, else a bare reply of one short line.
-2. Exact match after light normalisation (whitespace, $, \left/\right, \dfrac).
-3. Multiple choice when `choices` is given or the gold is a capital letter: `B`, `(B)`, `Option B`,
+1. Extraction (`extract_answer`): the last <answer>...</answer> block (`answer_block`, tags in any case; a
+   \boxed{} inside it is unwrapped), else the last \boxed{...} or \fbox{...} (`last_boxed`: balanced braces; a
+   malformed last box is no answer, an earlier one never counts), else the last "the answer is ..." / "Answer: ..."
+   phrase, else a bare reply of one short line. rewards.py reads answers with the same two parsers.
+2. Size guards, before any other work: a gold or prediction over MAX_ANSWER_CHARS is not an answer.
+3. Exact match after light normalisation (whitespace, $, \left/\right, \dfrac).
+4. Multiple choice when `choices` is given or the gold is a capital letter: `B`, `(B)`, `Option B`,
    `B. 5 cm`, or the option's own text (compared like any answer) all map to a letter.
-4. Plain-text golds ("Yes", "Eiffel Tower"): normalised strings (case, punctuation, articles).
-5. Math: our own LaTeX/unicode normaliser, then structure (sets order-free; tuples and intervals ordered;
+5. Plain-text golds ("Yes", "Eiffel Tower"): normalised strings (case, punctuation and articles ignored;
+   brackets count, so an unbalanced or bracket-padded prediction never matches).
+6. Math: our own LaTeX/unicode normaliser, then structure (sets order-free; tuples and intervals ordered;
    unions), equations (`x = 5` vs `5`; sides swapped or scaled), units, degrees and percent (stripped; two
    different stated units disagree), then plain numbers as exact Fractions in this process; only the rest
    reaches sympy, through our own recursive-descent parser that builds sympy objects (no eval/parse_expr).
@@ -27,21 +30,25 @@ Pipeline, cheapest first (most rollouts never reach sympy):
 Confidence (the combiner routes a verdict below its min_confidence to the reward model):
     exact, numeric, symbolic, choice   1.0  both sides parsed and compared exactly or symbolically
     no_answer                          1.0  incorrect: nothing could be extracted
-    too_large                          1.0  incorrect: the prediction trips a size guard (power tower,
-                                            factorial chain, deep nesting, > 300 chars of math); no gold
-                                            is written like that, and rewarding such output is wrong
+    too_large                          1.0  incorrect: the prediction trips a size guard (> MAX_ANSWER_CHARS,
+                                            > 300 chars of math, power tower, factorial chain, deep nesting);
+                                            no gold is written like that, and rewarding such output is wrong
     string, unit, choice without texts WEAK (0.6): a fallback decided, see WEAK
     gold_unparseable, timeout, error   0.0  incorrect because we do not know: route it elsewhere
 An unparseable gold (empty, unbalanced braces, math we cannot parse) never yields correct=True; only the
 exact stage (the prediction is the same text) comes before that check.
 
-Never hangs, never crashes. Cheap guards reject hostile input before sympy sees it (length, nesting depth,
-numbers over ~10,000 digits, factorials and integer powers of non-numbers over 1,000). All sympy work runs in
-one persistent worker process, forked lazily and reused (a call costs one pipe round trip, ~0.05 ms); the
-caller waits at most `timeout_s`, then SIGKILLs it (which stops even a C-level big-integer loop, unlike
-signal.alarm) and the next call forks a fresh one. So the bound holds off the main thread and inside worker
-processes. Threads share the worker under a lock; waiting for it counts against their timeout. Any other
-exception becomes an incorrect verdict with reason "error".
+Bounded on any text, in any process. Every regex is linear-time (no pattern can backtrack over a run of
+whitespace or braces) and the size guards come first, so the pure-Python stages take milliseconds even on a
+200 KB response. Sympy work runs in one persistent worker process per calling process, started with os.fork
+(which multiprocessing.Pool workers and daemon processes may use; multiprocessing.Process they may not) and
+reused (one pipe round trip, ~0.05 ms). The caller waits at most `timeout_s`, then SIGKILLs it (which stops
+even a C-level big-integer loop, unlike signal.alarm) and the next call forks a fresh one. Threads share the
+worker under a lock; waiting for it counts against their timeout. `verify_batch(workers=N)` shares a batch
+between the caller and N forked processes kept alive across calls (started lazily, replaced when one dies,
+never shared with a forked child, killed at exit), each with its own sympy worker. A bug hit by hostile text
+becomes reason "error". What propagates says nothing about the text: OSError (the machine cannot fork or pipe)
+and RuntimeError from verify_batch when a pool worker dies or stops answering. Needs os.fork (POSIX).
 
 Left out: matrices, \pm, unit conversion (0.5 m vs 50 cm), degrees vs radians, ratios (1:2), intervals vs
 inequalities (`x > 3` vs `(3, \infty)`), log base conventions (log is natural), number words beyond twelve.
@@ -49,30 +56,36 @@ inequalities (`x > 3` vs `(3, \infty)`), log base conventions (log is natural), 
 
 from __future__ import annotations
 
+import atexit
 import math
-import multiprocessing as mp
 import os
 import re
-import sys
+import signal
 import threading
 import time
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from fractions import Fraction
-from functools import partial
-from typing import Sequence
+from multiprocessing.connection import Pipe
+from typing import Callable, Sequence
 
 import sympy
+
+if not hasattr(os, "fork"):
+    raise ImportError("harmo_min.verifier needs os.fork (Linux or macOS) for its bounded sympy worker")
 
 WEAK = 0.6  # Above the combiner's default min_confidence (0.5), so yes/no and name answers are still scored by
 # rule; below 1.0, so a stricter setting can route them to the reward model: a normalised-string match is a
 # reliable "yes", but a mismatch may be a paraphrase ("a puppy" vs "dog") or LaTeX our parser does not cover.
-MAX_MATH_CHARS = 300  # longer "final answers" are not answers; also bounds the parser's work
+MAX_ANSWER_CHARS = 3000  # any final answer or gold: longer is not an answer (checked before any other work)
+MAX_MATH_CHARS = 300  # a predicted math answer: longer "final answers" are not answers; bounds the parser too
 MAX_DEPTH = 30  # bracket nesting: keeps our recursive parser and sympy far from the recursion limit
 MAX_BITS = 33_220  # ~10,000 decimal digits for any exact number we build
 MAX_INT_ARG = 1000  # largest factorial / binomial argument and integer power of a non-number
 MAX_ITEMS = 32  # elements of a set or tuple
 
+
+# ----------------------------------------------------------------------------------------------------------
+# Public API
 
 @dataclass(frozen=True)
 class Verdict:
@@ -82,17 +95,94 @@ class Verdict:
     reason: str
 
 
-class _Fail(Exception):
-    """Ends a comparison early; args[0] is the reason (unparseable, too_large, timeout, unit, ...)."""
+def verify(response: str, gold: str, *, choices: list[str] | None = None, timeout_s: float = 1.0) -> Verdict:
+    """Score one response against its gold answer; returns within about `timeout_s` on any text."""
+    pred = None
+    try:
+        pred = extract_answer(response)
+        gold = _gold_text(gold)
+        if gold is None:
+            return Verdict(False, 0.0, pred, "gold_unparseable")
+        if pred is None:
+            return Verdict(False, 1.0, None, "no_answer")
+        if len(pred) > MAX_ANSWER_CHARS:
+            return Verdict(False, 1.0, pred, "too_large")
+        if _canon(pred) == _canon(gold):
+            return Verdict(True, 1.0, pred, "exact")
+        choices = [str(c) for c in choices] if choices else None
+        correct, confidence, reason = _decide(pred, gold, choices, time.monotonic() + timeout_s)
+        return Verdict(correct, confidence, pred, reason)
+    except OSError:
+        raise  # fork or pipe failed: a fault of the machine, not a verdict on the text
+    except Exception:  # the one boundary: untrusted text must never crash a training step
+        return Verdict(False, 0.0, pred, "error")
+
+
+def verify_batch(items: Sequence[tuple[str, str, list[str] | None]], *, workers: int = 0,
+                 timeout_s: float = 1.0) -> list[Verdict]:
+    """Verdicts for (response, gold[, choices]) items in input order. workers > 0 shares them between this
+    process and that many persistent worker processes (started on first use, reused by later calls), each with
+    its own sympy worker."""
+    if workers <= 0 or len(items) <= 1:
+        return _verify_items((items, timeout_s))
+    with _pool_lock:
+        return _pool_map(list(items), workers, timeout_s)
+
+
+def extract_answer(response: str) -> str | None:
+    """The final answer of a response, or None (see the module docstring for the order of preference)."""
+    if not isinstance(response, str):
+        return None
+    text = _CONTROL.sub("", response)
+    if (inner := answer_block(text)) is not None:
+        boxed = "\\boxed" in inner or "\\fbox" in inner
+        return _tidy(last_boxed(inner) if boxed else _phrase(inner) or inner)
+    if "\\boxed" in text or "\\fbox" in text:
+        return _tidy(last_boxed(text))
+    phrase, bare = _phrase(text), text.strip()
+    one_line = len(bare) <= 40 and "\n" not in bare and "<answer>" not in _ascii_lower(bare)
+    return _tidy(bare if phrase is None and one_line else phrase)  # a bare one-line reply ("5", "(B)") is an answer
+
+
+def answer_block(text: str) -> str | None:
+    """Content of the last <answer>...</answer> block (tags in any case), or None when there is none."""
+    low = _ascii_lower(text)
+    end = low.rfind("</answer>")
+    start = low.rfind("<answer>", 0, end) if end >= 0 else -1
+    return text[start + len("<answer>"):end] if start >= 0 else None
+
+
+def last_boxed(text: str) -> str | None:
+    r"""Content of the last \boxed{...} or \fbox{...} (also `\boxed 5`), or None when the last box is absent
+    or malformed (unbalanced braces, nothing after it): an earlier box never stands in for a broken last one."""
+    i = max(text.rfind("\\boxed"), text.rfind("\\fbox"))
+    if i < 0:
+        return None
+    k = j = i + (6 if text.startswith("\\boxed", i) else 5)
+    while j < len(text) and text[j] == " ":
+        j += 1
+    if j < len(text) and text[j] == "{":
+        got = _braced(text, j)
+        return got[0] if got else None
+    m = _NON_SPACE.match(text, j)
+    return m.group() if m and j > k else None
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Extraction
+# Extraction helpers
 
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+_ASCII_LOWER = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrstuvwxyz")
 _BRACE = re.compile(r"[{}]")
+_NON_SPACE = re.compile(r"[^\s$]+")
+_LINE = re.compile(r"[^\n]*")
 _PHRASE = re.compile(r"(?:final answer|the (?:correct |final )?(?:answer|option|choice)|answer)"
                      r"[ \t]*(?:is\b|:|=)[ \t]*:?\s*", re.I)
+
+
+def _ascii_lower(s: str) -> str:
+    """A-Z to a-z, nothing else: str.lower may change the length ("İ"), which would shift tag indices."""
+    return s.lower() if s.isascii() else s.translate(_ASCII_LOWER)
 
 
 def _braced(s: str, i: int) -> tuple[str, int] | None:
@@ -105,27 +195,13 @@ def _braced(s: str, i: int) -> tuple[str, int] | None:
     return None
 
 
-def _last_boxed(s: str) -> str | None:
-    i = max(s.rfind("\\boxed"), s.rfind("\\fbox"))
-    if i < 0:
-        return None
-    k = j = i + (6 if s.startswith("\\boxed", i) else 5)
-    while j < len(s) and s[j] == " ":
-        j += 1
-    if j < len(s) and s[j] == "{":
-        got = _braced(s, j)
-        return got[0] if got else None
-    m = re.compile(r"[^\s$]+").match(s, j)  # "\boxed 5"
-    return m.group() if m and j > k else None
-
-
 def _phrase(s: str) -> str | None:
     last = None
     for last in _PHRASE.finditer(s):  # "Final Answer: The final answer is 5": the last phrase counts
         pass
     if last is None:
         return None
-    line = re.compile(r"[^\n]*").match(s, last.end()).group()
+    line = _LINE.match(s, last.end()).group()
     return re.split(r"\.\s", line, maxsplit=1)[0]  # "5. Because ..." -> "5"; a decimal point has no space
 
 
@@ -139,24 +215,19 @@ def _tidy(a: str | None) -> str | None:
     return a.rstrip(".").strip() or None
 
 
-def extract_answer(response: str) -> str | None:
-    """The final answer of a response, or None (see the module docstring for the order of preference)."""
-    if not isinstance(response, str):
+def _gold_text(gold) -> str | None:
+    """The gold answer as text, or None when it cannot be an answer. A gold with no letter, digit or ∞/∅
+    ("???", "(", "-") is a placeholder: it must never let a response that copies it score 1."""
+    if isinstance(gold, (int, float, Fraction)) and not isinstance(gold, bool):
+        gold = str(gold)  # JSON golds are often numbers
+    if not isinstance(gold, str):
         return None
-    text = _CONTROL.sub("", response)
-    low = text.lower()
-    end = low.rfind("</answer>")
-    start = low.rfind("<answer>", 0, end) if end >= 0 else -1
-    if start >= 0:
-        inner = text[start + len("<answer>"):end]
-        boxed = "\\boxed" in inner or "\\fbox" in inner
-        return _tidy(_last_boxed(inner) if boxed else _phrase(inner) or inner)
-    if "\\boxed" in text or "\\fbox" in text:
-        return _tidy(_last_boxed(text))
-    phrase, bare = _phrase(text), text.strip()
-    if phrase is None and len(bare) <= 40 and "\n" not in bare and "<answer>" not in low:
-        return _tidy(bare)  # a bare one-line reply ("5", "(B)") is its own answer
-    return _tidy(phrase)
+    gold = _CONTROL.sub("", gold)
+    text = _tidy(last_boxed(gold) if "\\boxed" in gold or "\\fbox" in gold else gold)
+    if (not text or len(text) > MAX_ANSWER_CHARS or not any(ch.isalnum() or ch in "∞∅" for ch in text)
+            or not _balanced(text) or _max_depth(text) > MAX_DEPTH):
+        return None
+    return text
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -185,22 +256,28 @@ _VULGAR = {"½": "1/2", "⅓": "1/3", "⅔": "2/3", "¼": "1/4", "¾": "3/4", "�
 _WORDS = {w: str(i) for i, w in enumerate("zero one two three four five six seven eight nine ten eleven "
                                           "twelve".split())}
 _TEXT_CMD = re.compile(r"\\(?:text|textbf|mathrm|mathbf|mbox)\{([^{}]*)\}")
+_SPACES = re.compile(r"\s+")
+_PUNCT = re.compile(r"[^\w\s]")
 
 
 def _canon(s: str) -> str:
     """Light normalisation for the exact stage: only differences that never change the meaning."""
     s = re.sub(r"\\(?:left|right|displaystyle)(?![A-Za-z])|\\[,;:! ]|\$", "", s)
-    s = re.sub(r"\\[dt]frac(?![A-Za-z])", r"\\frac", s)
-    s = re.sub(r"\s*([^\w\s])\s*", r"\1", s.strip())
-    return re.sub(r"\s+", " ", s).rstrip(".")
+    s = re.sub(r"\\[dt]frac(?![A-Za-z])", r"\\frac", s).strip()
+
+    def run(m: re.Match) -> str:  # a whitespace run next to punctuation goes, any other becomes one space
+        i, j = m.start(), m.end()  # (one match per run: linear, where \s*([^\w\s])\s* is quadratic on a long run)
+        return "" if (i > 0 and _PUNCT.match(s, i - 1)) or (j < len(s) and _PUNCT.match(s, j)) else " "
+    return _SPACES.sub(run, s).rstrip(".")
 
 
 def _text_norm(s: str) -> str:
+    """Case, punctuation and articles ignored; brackets kept, so "}}5{{" or "\\frac{1}{2" match nothing balanced."""
     s = re.sub(r"(?<=\w)[.'’](?=\w)", "", _TEXT_CMD.sub(r"\1", s).lower())  # U.S.A. -> usa
-    return " ".join(w for w in re.sub(r"[^\w\s]|_", " ", s).split() if w not in ("a", "an", "the"))
+    return " ".join(w for w in re.sub(r"[^\w\s()\[\]{}]|_", " ", s).split() if w not in ("a", "an", "the"))
 
 
-def _is_text(s: str) -> bool:
+def _is_prose(s: str) -> bool:
     """Words and punctuation only, one of them not a math name ("pi"): compare as a string, not as math."""
     s = _TEXT_CMD.sub(r"\1", s)
     return not re.search(r"[\d\\^=+*/<>{}()\[\]|_%]", s) and any(
@@ -286,18 +363,188 @@ def _to_math(s: str) -> str:
     s = re.sub(r"√\s*(\d+(?:\.\d+)?|[A-Za-z]|\([^()]*\))", r"\\sqrt{\1}", s)
     s = re.sub(r"^(-?)(\d+)\s*\\[dt]?frac\{(\d+)\}\{(\d+)\}$", r"\1(\2+\3/\4)", s.strip())  # mixed number 3½
     s = _CONTROL.sub("", s).replace("\\!", "").replace("{,}", ",").replace("\\$", "").replace("$", "")  # currency
-    if re.fullmatch(r"\{.*,.*\}", s) and _braced(s, 0) == (s[1:-1], len(s)):
+    if s.startswith("{") and s.endswith("}") and "," in s and _braced(s, 0) == (s[1:-1], len(s)):
         s = "\\{" + s[1:-1] + "\\}"  # a plain {1, 2} typed by a model means a set, not a LaTeX group
     m = _delatex(s)  # then x_{12} -> x_12, \theta_1 -> theta_1; \log_{2} stays for the parser
     m = re.sub(r"(?<![A-Za-z])(?!log\b)([A-Za-z]+)\s*_\s*(?:\(([A-Za-z0-9]+)\)|([A-Za-z0-9]))", r"\1_\2\3", m)
-    m = re.sub(r"\^\(?\s*°\s*\)?", "°", re.sub(r"\s*\^\s*", "^", m)).replace("\x01", "{").replace("\x02", "}")
+    m = "^".join(part.strip() for part in m.split("^"))  # not \s*\^\s*: quadratic on a run of spaces
+    m = re.sub(r"\^\(?\s*°\s*\)?", "°", m).replace("\x01", "{").replace("\x02", "}")
     m = re.sub(r"^\s*[A-Za-z]\w*\s*∈", "", m)  # "x \in [1, 2]"
-    return re.sub(r"\s+", " ", m).strip().rstrip(".").strip()
+    return _SPACES.sub(" ", m).strip().rstrip(".").strip()
 
 
 def _thousands(s: str) -> str:
     m = re.fullmatch(r"([-+]?\d{1,3}(?:,\d{3})+(?:\.\d+)?)(\D*)", s)  # "1,234,567 cm"; "1, 2" stays a list
     return m[1].replace(",", "") + m[2] if m else s
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Comparing two answers
+
+class _Fail(Exception):
+    """Ends a comparison early; args[0] is the reason (unparseable, too_large, timeout, unit, ...)."""
+
+
+@dataclass
+class _Comparison:
+    """The state of one comparison: its deadline and whether sympy decided part of it."""
+    deadline: float  # time.monotonic() by which the whole comparison must be done
+    used_sympy: bool = False  # decides the reason: "symbolic" rather than "numeric"
+
+
+def _split_top(s: str, sep: str) -> list[str]:
+    parts, depth, start = [], 0, 0
+    for i, c in enumerate(s):
+        depth += (c in "([{") - (c in ")]}")
+        if c == sep and depth == 0:
+            parts.append(s[start:i])
+            start = i + 1
+    return [p.strip() for p in parts + [s[start:]]]
+
+
+def _structure(s: str) -> tuple[str, list[str]] | None:
+    """("union" | "set" | "list" | a bracket pair such as "[)", elements), or None for a single value."""
+    if len(parts := _split_top(s, "∪")) > 1:
+        return "union", parts
+    if len(s) >= 2 and s[0] in "([{" and s[-1] in ")]}" and _closes_last(s):
+        items = _split_top(s[1:-1], ",")
+        if s[0] == "{":
+            return "set", items
+        if len(items) > 1:
+            return s[0] + s[-1], items
+    items = _split_top(s, ",")
+    return ("list", items) if len(items) > 1 else None
+
+
+def _closes_last(s: str) -> bool:
+    """Whether the bracket opening s closes at its last character: "(1, 2]" yes, "(1)+(2)" no."""
+    depth = 0
+    for i, c in enumerate(s):
+        depth += (c in "([{") - (c in ")]}")
+        if depth == 0:
+            return i == len(s) - 1
+    return False
+
+
+def _equation_value(s: str) -> str:
+    """`x = 5` and `5 = x` -> `5`; a chain `AB = 2+3 = 5` -> `5`. Left alone unless one side is a name."""
+    parts = _split_top(s, "=")
+    if len(parts) < 2 or any(re.search(r"[<>!]$", p) for p in parts[:-1]):
+        return s
+    name = r"[A-Za-z][A-Za-z_0-9']*(?:\([A-Za-z]\))?"
+    if re.fullmatch(name, parts[0].replace(" ", "")):
+        return parts[-1]
+    return parts[0] if len(parts) == 2 and re.fullmatch(name, parts[1].replace(" ", "")) else s
+
+
+def _cmp_atom(p: str, g: str, ctx: _Comparison) -> bool:
+    p, g = _WORDS.get(p.lower(), p), _WORDS.get(g.lower(), g)
+    if ("=" in p) != ("=" in g):
+        p, g = _equation_value(p), _equation_value(g)
+    (p, pu), (g, gu) = _split_unit(p), _split_unit(g)
+    pp, gp = p.endswith("%"), g.endswith("%")
+    p, g = p.rstrip("%").strip(), g.rstrip("%").strip()
+    scales = [(1, 1)] if pp == gp else [(1, 1), (100, 1) if gp else (1, 100)]  # 50% == 50 == 0.5
+    pn, gn = _number(p), _number(g)
+    if pn and gn:
+        equal = any(_num_equal(pn[0] * a, pn[1], gn[0] * b, gn[1]) for a, b in scales)
+    elif _is_prose(p):
+        raise _Fail("unparseable")
+    else:
+        ctx.used_sympy = True
+        jobs = [(f"({p})*{a}" if a != 1 else p, f"({g})*{b}" if b != 1 else g) for a, b in scales]
+        equal = any(_sympy_call((jp, jg, pn and pn[1], gn and gn[1]), ctx.deadline) for jp, jg in jobs)
+    if equal and pu and gu and pu != gu:
+        raise _Fail("unit")
+    return equal
+
+
+def _cmp(p: str, g: str, ctx: _Comparison) -> bool:
+    ps, gs = _structure(p), _structure(g)
+    if ps is None and gs is None:
+        return _cmp_atom(p, g, ctx)
+    if ps is None or gs is None:  # {5} against 5
+        kind, items = ps or gs
+        return kind == "set" and len(items) == 1 and (_cmp(items[0], g, ctx) if ps else _cmp(p, items[0], ctx))
+    (pk, pi), (gk, gi) = ps, gs
+    if len(pi) != len(gi) or len(gi) > MAX_ITEMS:
+        return False
+    unordered = {"set", "list", "union"}
+    if pk in unordered and gk in unordered and (pk == gk or "union" not in (pk, gk)):
+        left = list(gi)
+        for x in pi:  # greedy matching: fine, answer equality behaves as an equivalence
+            hit = next((k for k, y in enumerate(left) if _cmp(x, y, ctx)), None)
+            if hit is None:
+                return False
+            left.pop(hit)
+        return True
+    if pk == gk or ("list" in (pk, gk) and not {"set", "union"} & {pk, gk}):  # tuples, intervals: in order
+        return all(_cmp(x, y, ctx) for x, y in zip(pi, gi))
+    return False
+
+
+_LETTER = re.compile(r"(?:(?:option|choice|answer)\s*(?::\s*)?)?(?:\(([A-Za-z])\)|\[([A-Za-z])\]|([A-Za-z])"
+                     r"(?=$|[.:),]))", re.I)  # not \s*:?\s*, which splits a run of spaces in quadratically many ways
+_GOLD_LETTER = re.compile(r"(?:(?i:option|choice)\s*)?\(?([A-J])\)?\.?")  # capitals only: a gold "x" is math
+
+
+def _letter(s: str, n: int | None) -> int | None:
+    m = _LETTER.match(_TEXT_CMD.sub(r"\1", s).replace("$", "").strip())
+    k = ord((m[1] or m[2] or m[3]).upper()) - ord("A") if m else None
+    return k if k is not None and (n is None or k < n) else None
+
+
+def _option(s: str, choices: list[str], ctx: _Comparison) -> int | None:
+    canon, text = _canon(s), _text_norm(s)
+    mathy = len(s) <= MAX_MATH_CHARS and _max_depth(s) <= MAX_DEPTH and _balanced(s) and not _is_prose(s)
+    for k, c in enumerate(choices):
+        c = re.sub(r"^\s*\(?[A-Za-z][.:)]\s+", "", c)  # "A. 5 cm" -> "5 cm"
+        if canon == _canon(c) or text == _text_norm(c):
+            return k
+        try:
+            if mathy and not _is_prose(c) and _cmp(_to_math(s), _to_math(c), ctx):
+                return k
+        except _Fail:
+            continue
+    return None
+
+
+def _decide(pred: str, gold: str, choices: list[str] | None, deadline: float) -> tuple[bool, float, str]:
+    ctx = _Comparison(deadline)
+    if choices:
+        gk = _letter(gold, len(choices)) if len(_canon(gold)) <= 12 else None
+        gk = gk if gk is not None else _option(gold, choices, ctx)
+        pk = _letter(pred, len(choices))
+        pk = pk if pk is not None else _option(pred, choices, ctx)
+        if gk is not None:
+            return pk == gk, 1.0, "choice"
+        if pk is not None:
+            pred = choices[pk]  # the gold is a value that is not an option: compare the chosen option's text
+    elif m := _GOLD_LETTER.fullmatch(_TEXT_CMD.sub(r"\1", gold).replace("$", "").strip()):
+        pk = _letter(pred, None)
+        if pk is None:
+            return False, WEAK, "choice"  # "5 cm" vs "B" with no option texts to map it to a letter
+        return pk == ord(m[1]) - ord("A"), 1.0, "choice"
+    if _is_prose(gold):
+        return _text_norm(pred) == _text_norm(gold), WEAK, "string"
+    try:
+        g = _thousands(_to_math(gold))
+    except _Fail:
+        return False, 0.0, "gold_unparseable"
+    if len(pred) > MAX_MATH_CHARS or _max_depth(pred) > MAX_DEPTH:
+        return False, 1.0, "too_large"
+    try:
+        if not _balanced(pred):
+            raise _Fail("unparseable")
+        correct = _cmp(_thousands(_to_math(pred)), g, ctx)
+        return correct, 1.0, "symbolic" if ctx.used_sympy else "numeric"
+    except _Fail as f:
+        reason = f.args[0]
+    if reason == "unparseable":  # prose or LaTeX we do not cover: a weak string comparison decides
+        return _text_norm(pred) == _text_norm(gold), WEAK, "string"
+    if reason == "unit":
+        return False, WEAK, "unit"  # equal values, different stated units; our alias table is small
+    return False, 1.0 if reason == "too_large" else 0.0, reason
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -555,288 +802,153 @@ def _sympy_compare(p: str, g: str, pd: int | None, gd: int | None) -> bool:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# The worker process: a hard wall-clock bound that works from any thread or process
+# Worker processes: forked with os.fork, which daemonic processes (multiprocessing.Pool workers) may call,
+# where multiprocessing.Process.start() refuses ("daemonic processes are not allowed to have children")
 
-def _mp_context():
-    return mp.get_context("fork" if sys.platform.startswith("linux") else "spawn")  # fork: ~10 ms, no re-import
+class _Child:
+    """A forked process that answers each job sent over a pipe with `handle(job)`, until the pipe closes."""
+
+    def __init__(self, handle: Callable):
+        self.conn, child_end = Pipe()
+        self.pid = os.fork()
+        if self.pid == 0:
+            code = 1
+            try:
+                self.conn.close()  # only the parent holds this end now: its death gives us EOF, not an orphan
+                signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is for the parent; its exit ends us
+                _serve(child_end, handle)
+                code = 0
+            finally:
+                os._exit(code)  # never return into the caller's code, never run its atexit handlers
+        child_end.close()
+
+    def alive(self) -> bool:
+        try:
+            return os.waitpid(self.pid, os.WNOHANG) == (0, 0)
+        except ChildProcessError:  # already reaped
+            return False
+
+    def kill(self) -> None:
+        try:
+            os.kill(self.pid, signal.SIGKILL)
+            os.waitpid(self.pid, 0)
+        except (ProcessLookupError, ChildProcessError):
+            pass  # it had exited and been reaped already: nothing left to stop
+        self.conn.close()
 
 
-def _worker_main(conn, parent_end) -> None:
-    parent_end.close()  # so a dead parent gives us EOF instead of leaving an orphan blocked forever
+def _serve(conn, handle: Callable) -> None:
     while True:
         try:
             job = conn.recv()
         except (EOFError, OSError):
             return
-        try:
-            res = ("ok", _sympy_compare(*job))
-        except _Fail as f:
-            res = ("fail", f.args[0])
-        except Exception:  # the worker's own boundary: one bad job must not take the worker down
-            res = ("fail", "error")
-        conn.send(res)
+        conn.send(handle(job))
 
 
-class _Worker:
-    def __init__(self):
-        ctx = _mp_context()
-        self.conn, child = ctx.Pipe()
-        self.proc = ctx.Process(target=_worker_main, args=(child, self.conn), daemon=True)
-        self.proc.start()
-        child.close()
+def _sympy_job(job: tuple) -> tuple[str, object]:
+    try:
+        return "ok", _sympy_compare(*job)
+    except _Fail as f:
+        return "fail", f.args[0]
+    except Exception:  # the worker's own boundary: one bad job must not take the worker down
+        return "fail", "error"
 
 
-_worker: _Worker | None = None
-_lock = threading.Lock()
+def _verify_items(job: tuple) -> list[Verdict]:
+    items, timeout_s = job  # items: (response, gold) or (response, gold, choices)
+    return [verify(r, g, choices=rest[0] if rest else None, timeout_s=timeout_s) for r, g, *rest in items]
 
 
-def _kill_worker() -> None:
-    global _worker
-    if _worker is not None:
-        _worker.proc.kill()
-        _worker.proc.join(timeout=5)
-        _worker.conn.close()
-        _worker = None
-
-
-def _reset_after_fork() -> None:  # a forked child must not share the parent's worker pipe or a held lock
-    global _worker, _lock
-    _worker, _lock = None, threading.Lock()
-
-
-os.register_at_fork(after_in_child=_reset_after_fork)
+_sympy: _Child | None = None  # this process's sympy worker
+_sympy_lock = threading.Lock()
+_pool: list[_Child] = []  # this process's verify_batch workers
+_pool_lock = threading.Lock()
 
 
 def _sympy_call(job: tuple, deadline: float) -> bool:
-    global _worker
+    global _sympy
+
     def left() -> float:  # clamped: acquire() and poll() reject huge timeouts, such as timeout_s=inf
         return min(max(0.0, deadline - time.monotonic()), 1e6)
 
-    if left() <= 0 or not _lock.acquire(timeout=left()):
+    if left() <= 0 or not _sympy_lock.acquire(timeout=left()):
         raise _Fail("timeout")
+    res = None
     try:
-        if _worker is None or not _worker.proc.is_alive():
-            _worker = _Worker()
+        if _sympy is None or not _sympy.alive():
+            if _sympy is not None:
+                _sympy.kill()
+                _sympy = None
+            _sympy = _Child(_sympy_job)  # an OSError here (cannot fork) propagates: no verdict on the text
         try:
-            _worker.conn.send(job)
-            res = _worker.conn.recv() if _worker.conn.poll(left()) else None
+            _sympy.conn.send(job)
+            res = _sympy.conn.recv() if _sympy.conn.poll(left()) else None
         except (EOFError, OSError):
-            res = ("fail", "dead")
-        if res is None or res == ("fail", "dead"):
-            _kill_worker()  # hung or died: the next call forks a fresh one
-            raise _Fail("timeout" if res is None else "error")
+            res = ("fail", "dead")  # it died on this job
     finally:
-        _lock.release()
+        if _sympy is not None and res in (None, ("fail", "dead")):  # hung, died, or we were interrupted (Ctrl-C)
+            _sympy.kill()  # between send and recv: its pipe may hold this job's answer, never read it as the next's
+            _sympy = None
+        _sympy_lock.release()
+    if res is None:
+        raise _Fail("timeout")
     if res[0] == "fail":
-        raise _Fail(res[1])
+        raise _Fail("error" if res[1] == "dead" else res[1])
     return res[1]
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Comparing two answers
-
-@dataclass
-class _Ctx:
-    deadline: float  # time.monotonic() by which the whole comparison must be done
-    used_sympy: bool = False  # decides the reason: "symbolic" rather than "numeric"
-
-
-def _split_top(s: str, sep: str) -> list[str]:
-    parts, depth, start = [], 0, 0
-    for i, c in enumerate(s):
-        depth += (c in "([{") - (c in ")]}")
-        if c == sep and depth == 0:
-            parts.append(s[start:i])
-            start = i + 1
-    return [p.strip() for p in parts + [s[start:]]]
-
-
-def _structure(s: str) -> tuple[str, list[str]] | None:
-    """("union" | "set" | "list" | a bracket pair such as "[)", elements), or None for a single value."""
-    if len(parts := _split_top(s, "∪")) > 1:
-        return "union", parts
-    if len(s) >= 2 and s[0] in "([{" and s[-1] in ")]}" and _closes_last(s):
-        items = _split_top(s[1:-1], ",")
-        if s[0] == "{":
-            return "set", items
-        if len(items) > 1:
-            return s[0] + s[-1], items
-    items = _split_top(s, ",")
-    return ("list", items) if len(items) > 1 else None
-
-
-def _closes_last(s: str) -> bool:
-    """Whether the bracket opening s closes at its last character: "(1, 2]" yes, "(1)+(2)" no."""
-    depth = 0
-    for i, c in enumerate(s):
-        depth += (c in "([{") - (c in ")]}")
-        if depth == 0:
-            return i == len(s) - 1
-    return False
-
-
-def _equation_value(s: str) -> str:
-    """`x = 5` and `5 = x` -> `5`; a chain `AB = 2+3 = 5` -> `5`. Left alone unless one side is a name."""
-    parts = _split_top(s, "=")
-    if len(parts) < 2 or any(re.search(r"[<>!]$", p) for p in parts[:-1]):
-        return s
-    name = r"[A-Za-z][A-Za-z_0-9']*(?:\([A-Za-z]\))?"
-    if re.fullmatch(name, parts[0].replace(" ", "")):
-        return parts[-1]
-    return parts[0] if len(parts) == 2 and re.fullmatch(name, parts[1].replace(" ", "")) else s
-
-
-def _cmp_atom(p: str, g: str, ctx: _Ctx) -> bool:
-    p, g = _WORDS.get(p.lower(), p), _WORDS.get(g.lower(), g)
-    if ("=" in p) != ("=" in g):
-        p, g = _equation_value(p), _equation_value(g)
-    (p, pu), (g, gu) = _split_unit(p), _split_unit(g)
-    pp, gp = p.endswith("%"), g.endswith("%")
-    p, g = p.rstrip("%").strip(), g.rstrip("%").strip()
-    scales = [(1, 1)] if pp == gp else [(1, 1), (100, 1) if gp else (1, 100)]  # 50% == 50 == 0.5
-    pn, gn = _number(p), _number(g)
-    if pn and gn:
-        equal = any(_num_equal(pn[0] * a, pn[1], gn[0] * b, gn[1]) for a, b in scales)
-    elif _is_text(p):
-        raise _Fail("unparseable")
-    else:
-        ctx.used_sympy = True
-        jobs = [(f"({p})*{a}" if a != 1 else p, f"({g})*{b}" if b != 1 else g) for a, b in scales]
-        equal = any(_sympy_call((jp, jg, pn and pn[1], gn and gn[1]), ctx.deadline) for jp, jg in jobs)
-    if equal and pu and gu and pu != gu:
-        raise _Fail("unit")
-    return equal
-
-
-def _cmp(p: str, g: str, ctx: _Ctx) -> bool:
-    ps, gs = _structure(p), _structure(g)
-    if ps is None and gs is None:
-        return _cmp_atom(p, g, ctx)
-    if ps is None or gs is None:  # {5} against 5
-        kind, items = ps or gs
-        return kind == "set" and len(items) == 1 and (_cmp(items[0], g, ctx) if ps else _cmp(p, items[0], ctx))
-    (pk, pi), (gk, gi) = ps, gs
-    if len(pi) != len(gi) or len(gi) > MAX_ITEMS:
-        return False
-    unordered = {"set", "list", "union"}
-    if pk in unordered and gk in unordered and (pk == gk or "union" not in (pk, gk)):
-        left = list(gi)
-        for x in pi:  # greedy matching: fine, answer equality behaves as an equivalence
-            hit = next((k for k, y in enumerate(left) if _cmp(x, y, ctx)), None)
-            if hit is None:
-                return False
-            left.pop(hit)
-        return True
-    if pk == gk or ("list" in (pk, gk) and not {"set", "union"} & {pk, gk}):  # tuples, intervals: in order
-        return all(_cmp(x, y, ctx) for x, y in zip(pi, gi))
-    return False
-
-
-_LETTER = re.compile(r"(?:(?:option|choice|answer)\s*:?\s*)?(?:\(([A-Za-z])\)|\[([A-Za-z])\]|([A-Za-z])"
-                     r"(?=$|[.:),]))", re.I)
-_GOLD_LETTER = re.compile(r"(?:(?i:option|choice)\s*)?\(?([A-J])\)?\.?")  # capitals only: a gold "x" is math
-
-
-def _letter(s: str, n: int | None) -> int | None:
-    m = _LETTER.match(_TEXT_CMD.sub(r"\1", s).replace("$", "").strip())
-    k = ord((m[1] or m[2] or m[3]).upper()) - ord("A") if m else None
-    return k if k is not None and (n is None or k < n) else None
-
-
-def _option(s: str, choices: list[str], ctx: _Ctx) -> int | None:
-    canon, text = _canon(s), _text_norm(s)
-    mathy = len(s) <= MAX_MATH_CHARS and _max_depth(s) <= MAX_DEPTH and _balanced(s) and not _is_text(s)
-    for k, c in enumerate(choices):
-        c = re.sub(r"^\s*\(?[A-Za-z][.:)]\s+", "", c)  # "A. 5 cm" -> "5 cm"
-        if canon == _canon(c) or text == _text_norm(c):
-            return k
-        try:
-            if mathy and not _is_text(c) and _cmp(_to_math(s), _to_math(c), ctx):
-                return k
-        except _Fail:
-            continue
-    return None
-
-
-def _decide(pred: str, gold: str, choices: list[str] | None, deadline: float) -> tuple[bool, float, str]:
-    ctx = _Ctx(deadline)
-    if choices:
-        gk = _letter(gold, len(choices)) if len(_canon(gold)) <= 12 else None
-        gk = gk if gk is not None else _option(gold, choices, ctx)
-        pk = _letter(pred, len(choices))
-        pk = pk if pk is not None else _option(pred, choices, ctx)
-        if gk is not None:
-            return pk == gk, 1.0, "choice"
-        if pk is not None:
-            pred = choices[pk]  # the gold is a value that is not an option: compare the chosen option's text
-    elif m := _GOLD_LETTER.fullmatch(_TEXT_CMD.sub(r"\1", gold).replace("$", "").strip()):
-        pk = _letter(pred, None)
-        if pk is None:
-            return False, WEAK, "choice"  # "5 cm" vs "B" with no option texts to map it to a letter
-        return pk == ord(m[1]) - ord("A"), 1.0, "choice"
-    if _is_text(gold):
-        return _text_norm(pred) == _text_norm(gold), WEAK, "string"
+def _pool_map(items: list, workers: int, timeout_s: float) -> list[Verdict]:
+    """verify_batch's parallel path (called under _pool_lock): the items in workers + 1 contiguous shares, one
+    for each pool worker and the last for this process, which would otherwise sit idle waiting for them."""
+    global _pool
+    dead = [child for child in _pool if not child.alive()]
+    for child in dead:
+        child.kill()
+    _pool = [child for child in _pool if child not in dead]  # a larger pool from an earlier call stays: no churn
+    while len(_pool) < workers:  # one at a time: each fork sees (and closes its copies of) the ones before it
+        _pool.append(_Child(_verify_items))
+    size = -(-len(items) // (workers + 1))
+    shares = [(child, items[k * size:(k + 1) * size]) for k, child in enumerate(_pool[:workers])]
+    hang_s = min(size * (timeout_s + 2.0) + 60.0, 1e6)  # far beyond a share's own bound: only a stuck worker
+    out: list[Verdict] = []
+    done = False
     try:
-        g = _thousands(_to_math(gold))
-    except _Fail:
-        return False, 0.0, "gold_unparseable"
-    if len(pred) > MAX_MATH_CHARS or _max_depth(pred) > MAX_DEPTH:
-        return False, 1.0, "too_large"
-    try:
-        if not _balanced(pred):
-            raise _Fail("unparseable")
-        correct = _cmp(_thousands(_to_math(pred)), g, ctx)
-        return correct, 1.0, "symbolic" if ctx.used_sympy else "numeric"
-    except _Fail as f:
-        reason = f.args[0]
-    if reason == "unparseable":  # prose or LaTeX we do not cover: a weak string comparison decides
-        return _text_norm(pred) == _text_norm(gold), WEAK, "string"
-    if reason == "unit":
-        return False, WEAK, "unit"  # equal values, different stated units; our alias table is small
-    return False, 1.0 if reason == "too_large" else 0.0, reason
+        for child, share in shares:
+            child.conn.send((share, timeout_s))
+        own = _verify_items((items[workers * size:], timeout_s))
+        for child, share in shares:
+            if not child.conn.poll(hang_s):
+                raise TimeoutError(f"no answer within {hang_s:.0f} s")
+            out += child.conn.recv()
+        done = True
+    except (EOFError, OSError) as e:  # a worker died (EOF, broken pipe) or hung (TimeoutError)
+        raise RuntimeError(f"verify_batch: a worker process failed ({type(e).__name__}: {e}); "
+                           "the pool was shut down and the next call starts a new one") from e
+    finally:
+        if not done:  # failed or interrupted: a pipe may hold an unread answer, so no worker is used again
+            for child in _pool:
+                child.kill()
+            _pool = []
+    return out + own
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Public API
-
-def verify(response: str, gold: str, *, choices: list[str] | None = None, timeout_s: float = 1.0) -> Verdict:
-    """Score one response against its gold answer. Never raises; returns within about `timeout_s`."""
-    pred = None
-    try:
-        pred = extract_answer(response)
-        if isinstance(gold, (int, float, Fraction)) and not isinstance(gold, bool):
-            gold = str(gold)  # JSON golds are often numbers
-        gold_text = None
-        if isinstance(gold, str):
-            gold = _CONTROL.sub("", gold)
-            gold_text = _tidy(_last_boxed(gold) if "\\boxed" in gold or "\\fbox" in gold else gold)
-        # A gold with no letter, digit or ∞/∅ ("???", "(", "-") is a placeholder, not an answer: it must never
-        # let a response that copies it score 1.
-        if (not gold_text or not any(ch.isalnum() or ch in "∞∅" for ch in gold_text) or not _balanced(gold_text)
-                or _max_depth(gold_text) > MAX_DEPTH or len(gold_text) > 10 * MAX_MATH_CHARS):
-            return Verdict(False, 0.0, pred, "gold_unparseable")
-        if pred is None:
-            return Verdict(False, 1.0, None, "no_answer")
-        if _canon(pred) == _canon(gold_text):
-            return Verdict(True, 1.0, pred, "exact")
-        choices = [str(c) for c in choices] if choices else None
-        correct, confidence, reason = _decide(pred, gold_text, choices, time.monotonic() + timeout_s)
-        return Verdict(correct, confidence, pred, reason)
-    except Exception:  # the one boundary: untrusted text must never crash a training step
-        return Verdict(False, 0.0, pred, "error")
+def _shutdown() -> None:
+    """Kill this process's sympy worker and verify_batch pool (at exit; tests call it to start afresh)."""
+    global _sympy, _pool
+    for child in _pool + ([_sympy] if _sympy is not None else []):
+        child.kill()
+    _sympy, _pool = None, []
 
 
-def _verify_item(item: tuple, timeout_s: float) -> Verdict:
-    response, gold, *rest = item
-    return verify(response, gold, choices=rest[0] if rest else None, timeout_s=timeout_s)
+def _forget_after_fork() -> None:
+    """In a forked child: drop (and close our copies of) the parent's workers, and any lock held at the fork."""
+    global _sympy, _sympy_lock, _pool, _pool_lock
+    for child in _pool + ([_sympy] if _sympy is not None else []):
+        child.conn.close()
+    _sympy, _pool = None, []
+    _sympy_lock, _pool_lock = threading.Lock(), threading.Lock()
 
 
-def verify_batch(items: Sequence[tuple[str, str, list[str] | None]], *, workers: int = 0,
-                 timeout_s: float = 1.0) -> list[Verdict]:
-    """Verdicts for (response, gold, choices) items in input order; workers > 0 scores them in that many
-    processes (each with its own sympy worker, so the time bound holds there too)."""
-    if workers <= 0 or len(items) <= 1:
-        return [_verify_item(it, timeout_s) for it in items]
-    with ProcessPoolExecutor(max_workers=workers, mp_context=_mp_context()) as pool:
-        chunk = max(1, len(items) // (4 * workers))
-        return list(pool.map(partial(_verify_item, timeout_s=timeout_s), items, chunksize=chunk))
+os.register_at_fork(after_in_child=_forget_after_fork)
+atexit.register(_shutdown)

@@ -7,7 +7,7 @@ from harmo_min.config import load_config, parse_overrides
 
 
 def _load(path=None, overrides=()):
-    return load_config(path, list(overrides), defaults=train.GRPO_DEFAULTS, open_keys=train.OPEN_KEYS)
+    return load_config(path, list(overrides), defaults=train.GRPO_DEFAULTS, open_keys=train.OPEN_KEYS, rules=train.RULES)
 
 
 def test_overrides_are_parsed_as_yaml_and_applied_after_the_file(tmp_path):
@@ -42,10 +42,25 @@ def test_wrong_types_and_bad_files_are_named(tmp_path):
         _load(tmp_path / "missing.yaml")
 
 
-def test_semantic_errors_fail_before_any_model_loads():
-    for overrides, key in [(["grpo.aggregation=mean"], "grpo.aggregation"), (["rollout.n=1"], "rollout.n"),
-                           (["reward.weights.lenght=1"], "reward.weights.lenght"), (["model.dtype=fp8"], "model.dtype"),
-                           (["grpo.prompts_per_step=3"], "prompts_per_step")]:
+@pytest.mark.parametrize("override,key", [
+    ("grpo.aggregation=mean", "grpo.aggregation"), ("rollout.n=1", "rollout.n"), ("model.compute_dtype=fp8", "model.compute_dtype"),
+    # issue 11: each of these used to fail only after the model loaded (or never)
+    ("rollout.temperature=-1", "rollout.temperature"), ("rollout.top_p=0", "rollout.top_p"),
+    ("data.answer_format=foo", "data.answer_format"), ("optim.lr=-1e-3", "optim.lr"), ("train.log_every=0", "train.log_every"),
+    ("model.path=null", "model.path"), ("grpo.kl_coef=-1", "grpo.kl_coef"), ("optim.warmup_steps=-5", "optim.warmup_steps"),
+    # issue 10: grad_clip 0 zeroed every gradient silently
+    ("optim.grad_clip=0", "optim.grad_clip"), ("grpo.kl_estimator=k4", "grpo.kl_estimator"),
+])
+def test_bad_values_are_named_with_their_key_before_any_model_loads(override, key, monkeypatch):
+    def no_model(*args, **kwargs):
+        raise AssertionError("a model was loaded before the config error")
+    monkeypatch.setattr(train, "load_model_sharded", no_model)
+    with pytest.raises(ValueError, match=key.replace(".", r"\.")):
+        train.main(["--config", "tests/configs/fast.yaml", override])
+
+
+def test_world_size_and_reward_section_are_checked_before_any_model_loads():
+    for overrides, key in [(["reward.weights.lenght=1"], "reward.weights.lenght"), (["grpo.prompts_per_step=3"], "prompts_per_step")]:
         with pytest.raises(ValueError, match=key):
             train.check_config(_load(None, overrides), world_size=2)
 

@@ -1,4 +1,4 @@
-"""evaluate.py and harmo_min/bench_data.py: loaders per format, metrics on known answers, the CLI end to end."""
+"""evaluate.py and evaluate_data.py: loaders per format, metrics on known answers, the CLI end to end."""
 
 import json
 import math
@@ -7,6 +7,8 @@ import socket
 import sys
 from pathlib import Path
 
+import datasets
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -14,8 +16,8 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # evaluate.py is a script at the repo root
 
 import evaluate  # noqa: E402
-from harmo_min.bench_data import inline_choices, load_benchmark, load_benchmarks, parse_spec  # noqa: E402
-from harmo_min.data import DataError  # noqa: E402
+from evaluate_data import inline_choices, load_benchmark, load_benchmarks, parse_spec  # noqa: E402
+from harmo_min.data import DataError, EncodedImage, load_images  # noqa: E402
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -211,6 +213,100 @@ def test_malformed_files_name_the_file_the_record_and_the_expected_fields(tmp_pa
     path.write_text(json.dumps(records))
     with pytest.raises(DataError, match=r"\['1'\]: field 'image': unreadable image"):
         load_benchmark(str(path))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The same benchmarks as the hub ships them: parquet written by `datasets`, pictures embedded
+# ---------------------------------------------------------------------------------------------------------------
+
+def _png_bytes(path: Path) -> bytes:
+    return path.read_bytes()
+
+
+def write_mathvista_parquet(root: Path) -> Path:
+    """MathVista testmini as the hub's parquet: write_mathvista's records, the picture embedded in `decoded_image`
+    and `image` naming a file that is not beside the parquet (as after a hub download)."""
+    records = json.loads(write_mathvista(root / "json").read_text())
+    rows = [{**r, "decoded_image": {"bytes": _png_bytes(root / "json" / r["image"]), "path": None},
+             "metadata": {"task": r["metadata"]["task"], "category": r["metadata"].get("category")},
+             "precision": None if r["precision"] is None else float(r["precision"]), "query": r["question"]}
+            for r in records.values()]
+    features = datasets.Features({
+        "pid": datasets.Value("string"), "question": datasets.Value("string"), "image": datasets.Value("string"),
+        "choices": datasets.Sequence(datasets.Value("string")), "unit": datasets.Value("string"),
+        "precision": datasets.Value("float64"), "answer": datasets.Value("string"),
+        "question_type": datasets.Value("string"), "answer_type": datasets.Value("string"),
+        "metadata": {"task": datasets.Value("string"), "category": datasets.Value("string")},
+        "decoded_image": datasets.Image(), "query": datasets.Value("string")})
+    path = root / "MathVista" / "data" / "testmini-00000-of-00001-725687bf7a18d64b.parquet"
+    path.parent.mkdir(parents=True)
+    datasets.Dataset.from_list(rows, features=features).to_parquet(str(path))
+    return path
+
+
+def write_mathverse_parquet(root: Path) -> Path:
+    records = json.loads(write_mathverse(root / "json").read_text())
+    rows = [{**{k: v for k, v in r.items() if k != "image"}, "image": {"bytes": _png_bytes(root / "json" / r["image"]),
+                                                                         "path": None}} for r in records]
+    for row in rows:
+        row.setdefault("query_wo", None), row.setdefault("query_cot", None), row.setdefault("question_for_eval", None)
+    path = root / "MathVerse" / "testmini.parquet"
+    path.parent.mkdir(parents=True)
+    features = datasets.Features({**{k: datasets.Value("string") for k in rows[0] if k not in ("image", "metadata")},
+                                  "image": datasets.Image(),
+                                  "metadata": {k: datasets.Value("string") for k in ("split", "subject", "subfield")}})
+    datasets.Dataset.from_list(rows, features=features).to_parquet(str(path))
+    return path
+
+
+def _same_items(a, b) -> bool:
+    """Two benchmarks hold the same items: fields, categories, extras and image pixels."""
+    def fields(item):
+        ex = item.example
+        return ex.id, ex.problem, ex.answer, ex.choices, ex.task, item.category, item.meta
+    return [fields(i) for i in a.items] == [fields(i) for i in b.items] and all(
+        np.array_equal(np.asarray(x), np.asarray(y))
+        for i, j in zip(a.items, b.items) for x, y in zip(load_images(i.example), load_images(j.example)))
+
+
+def test_mathvista_parquet_reads_exactly_like_its_json(tmp_path):
+    path = write_mathvista_parquet(tmp_path)
+    bench = load_benchmark(str(path))  # detected from the columns; decoded_image wins over the missing file
+    assert (bench.name, bench.format, len(bench.items)) == ("MathVista", "mathvista", 3)
+    assert _same_items(bench, load_benchmark(str(tmp_path / "json" / "testmini.json")))
+    assert isinstance(bench.items[0].example.images[0], EncodedImage)
+    assert bench.items[1].where == f"{path}:row 1"
+    folder = load_benchmark(str(tmp_path / "MathVista"))  # the downloaded dataset folder
+    assert (folder.name, [i.example.id for i in folder.items]) == ("MathVista", ["1", "2", "3"])
+    assert len(load_benchmark(str(path), limit=2).items) == 2
+
+
+def test_mathverse_parquet_reads_exactly_like_its_json(tmp_path):
+    bench = load_benchmark(str(write_mathverse_parquet(tmp_path)))
+    assert (bench.name, bench.format) == ("MathVerse", "mathverse")
+    assert _same_items(bench, load_benchmark(str(tmp_path / "json" / "mathverse_testmini.json")))
+
+
+def test_a_training_table_is_the_dataset_format_read_by_the_training_loader(tmp_path):
+    _image(tmp_path / "a.png")
+    folder = tmp_path / "mmk12" / "data"
+    folder.mkdir(parents=True)
+    datasets.Dataset.from_dict(
+        {"id": ["m1", "m2"], "question": ["What is 1 + 1?", "Name the shape."], "image": [str(tmp_path / "a.png")] * 2,
+         "answer": ["\\boxed{2}", "a triangle"], "subject": ["math", "math"]},
+        features=datasets.Features({"id": datasets.Value("string"), "question": datasets.Value("string"),
+                                    "image": datasets.Image(), "answer": datasets.Value("string"),
+                                    "subject": datasets.Value("string")}),
+    ).to_parquet(str(folder / "test-00000-of-00001.parquet"))
+    bench = load_benchmark(str(tmp_path / "mmk12"))
+    assert (bench.name, bench.format) == ("mmk12", "dataset")
+    assert [(i.example.id, i.example.answer, i.category) for i in bench.items] == [("m1", "2", "verifiable"),
+                                                                                ("m2", "a triangle", "verifiable")]
+    renamed = load_benchmark(f"mm=dataset:{folder}/test-*.parquet", fields={"answer": None})
+    assert renamed.name == "mm" and [i.category for i in renamed.items] == ["open", "open"]
+    with pytest.raises(DataError, match=r"--field maps the columns of 'dataset' tables, and no --data is one "
+                                        r"\(formats: geometry3k\)"):
+        load_benchmarks([str(write_geometry3k(tmp_path))], fields={"answer": "x"})
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -433,6 +529,39 @@ def test_end_to_end_saved_tiny_checkpoint_against_the_same_untrained_start(tmp_p
     assert [i["responses"] for i in m["items"]] == [i["responses"] for i in results["baseline"]["items"]]
     assert results["comparison"]["benchmarks"]["MathVista"]["abs_gain"] == 0.0
     assert results["comparison"]["benchmarks"]["MathVista"]["wins"] == 0
+
+
+def test_main_on_a_parquet_benchmark_gives_the_same_numbers_as_on_its_json(tmp_path, scripted):
+    argv = ["--model", "ours", "--baseline", "base", "--n", "4", "--temperature", "1", "--batch-size", "2"]
+    parquet = evaluate.main(argv + ["--data", str(write_mathvista_parquet(tmp_path))], generate_fn=scripted)
+    as_json = evaluate.main(argv + ["--data", str(tmp_path / "json" / "testmini.json")], generate_fn=scripted)
+    for role in ("model", "baseline"):
+        assert parquet[role]["benchmarks"] == as_json[role]["benchmarks"]
+    assert parquet["comparison"] == as_json["comparison"]
+    assert parquet["benchmarks"][0]["format"] == "mathvista"
+
+
+def test_end_to_end_tiny_model_on_a_geometry3k_parquet(tmp_path):
+    path = tmp_path / "geometry3k" / "data" / "test-00000-of-00001.parquet"
+    path.parent.mkdir(parents=True)
+    pictures = [Image.new("RGB", (56, 56), c) for c in ((200, 30, 30), (30, 30, 200))]
+    datasets.Dataset.from_dict(
+        {"images": [[pictures[0]], [pictures[1]]], "problem": ["<image>Find x.", "<image>Find y."],
+         "answer": ["3", "\\boxed{4}"]},
+        features=datasets.Features({"images": datasets.Sequence(datasets.Image()), "problem": datasets.Value("string"),
+                                    "answer": datasets.Value("string")}),
+    ).to_parquet(str(path))
+    out = tmp_path / "r.json"
+    evaluate.main(["--model", "tiny", "--data", str(tmp_path / "geometry3k"), "--max-new-tokens", "3",
+                   "--batch-size", "2", "--out", str(out)])
+    results = json.loads(out.read_text())
+    assert results["benchmarks"] == [{"name": "Geometry3K", "format": "geometry3k",
+                                      "path": str(tmp_path / "geometry3k"), "items": 2}]
+    items = results["model"]["items"]
+    assert [(i["id"], i["gold"], i["where"]) for i in items] == [("0", "3", f"{path}:row 0"), ("1", "\\boxed{4}", f"{path}:row 1")]
+    assert all(1 <= i["lengths"][0] <= 3 and len(i["correct"]) == 1 for i in items)
+    with pytest.raises(DataError, match=r"--field gold=x: expected FIELD=COLUMN"):
+        evaluate.main(["--model", "tiny", "--data", str(path), "--field", "gold=x"])
 
 
 # ---------------------------------------------------------------------------------------------------------------

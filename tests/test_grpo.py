@@ -1,16 +1,19 @@
-"""GRPO: advantages, the loss on hand-computed cases, clipping, k3, aggregation, and the training-forward log-probs."""
+"""GRPO: advantages, the loss on hand-computed cases, clipping, the KL estimators, aggregation, the normaliser, and
+the training forward (log-probs equal the sampler's, one vision pass per micro-batch, text-only and image rows)."""
 
 import math
 
 import pytest
 import torch
 
-from harmo_min.data import encode_prompts
-
-from harmo_min.synthetic import synthetic_examples
-from harmo_min.grpo import (TokenLogProb, group_advantages, grpo_loss, prompt_batch, token_logprobs,
-                            zero_variance_groups)
+from harmo_min.data import Example, encode_prompts
+from harmo_min.distributed import World
+from harmo_min.grpo import (TokenLogProb, group_advantages, grpo_loss, kl_estimate, loss_normalizer, micro_batches,
+                            token_logprobs, training_inputs, zero_variance_groups)
 from harmo_min.rollout import sample
+from harmo_min.synthetic import synthetic_examples
+
+WORLD = World(rank=0, size=1, local_rank=0, device=torch.device("cpu"))
 
 
 def test_group_advantages_exact():
@@ -55,19 +58,42 @@ def test_clipping_stops_gradient_on_the_right_side(adv, ratio, has_grad):
         assert math.copysign(1, -logp.grad.item()) == math.copysign(1, adv)
 
 
-def test_k3_is_nonnegative_zero_at_reference_and_pulls_toward_it():
-    ref = torch.tensor([[-1.0, -2.0, -0.5]])
-    zero_adv = torch.zeros(1)
-    loss, m = grpo_loss(ref.clone(), ref, zero_adv, torch.ones(1, 3), ref_logp=ref, kl_coef=1.0, normalizer=3)
+def test_kl_estimators_hand_computed_and_zero_at_the_reference():
+    ref, logp = torch.tensor([[-1.0, -2.0]]), torch.tensor([[-0.5, -2.5]])
+    r = ref - logp                                                             # [-0.5, 0.5]
+    assert torch.allclose(kl_estimate(logp, ref, "k1"), -r)
+    assert torch.allclose(kl_estimate(logp, ref, "k2"), torch.tensor([[0.125, 0.125]]))
+    assert torch.allclose(kl_estimate(logp, ref, "k3"), torch.exp(r) - r - 1)
+    for k in ("k1", "k2", "k3"):
+        assert kl_estimate(ref, ref, k).abs().max() == 0
+    loss, m = grpo_loss(ref.clone(), ref, torch.zeros(1), torch.ones(1, 2), ref_logp=ref, kl_coef=1.0, normalizer=2)
     assert loss.item() == 0 and m["kl"].item() == 0
-    logp = torch.tensor([[-0.2, -3.0, -0.5]], requires_grad=True)
-    loss, m = grpo_loss(logp, logp.detach(), zero_adv, torch.ones(1, 3), ref_logp=ref, kl_coef=1.0, normalizer=3)
-    d = ref - logp.detach()
-    assert torch.allclose(m["kl"], (torch.exp(d) - d - 1).sum()) and m["kl"] > 0
-    loss.backward()
-    stepped = logp.detach() - 0.1 * logp.grad
-    assert ((stepped - ref).abs() <= (logp.detach() - ref).abs()).all()
-    assert ((stepped - ref).abs() < (logp.detach() - ref).abs())[0, :2].all()
+
+
+@pytest.mark.parametrize("estimator,direction", [("k2", "reverse"), ("k3", "forward"), ("k1", "none")])
+def test_kl_estimator_gradients_in_the_loss_are_the_documented_kl_gradients(estimator, direction):
+    """The exact expectation over π of each estimator's per-sample gradient, on a 5-token categorical π_θ = softmax(θ):
+    k2 gives ∇KL(π‖ref), k3 gives ∇KL(ref‖π), k1 gives 0 (grpo.py's docstring)."""
+    torch.manual_seed(0)
+    theta, ref_logp = torch.randn(5, requires_grad=True), torch.log_softmax(torch.randn(5), -1)
+    def grad(objective):  # ∇_θ objective(log π_θ)
+        return torch.autograd.grad(objective(torch.log_softmax(theta, -1)), theta)[0]
+
+    p = torch.softmax(theta, -1).detach()
+    # Σ_y π(y) · ∇ k(y): the estimator evaluated at every token y, weighted by its (detached) sampling probability.
+    expected = grad(lambda logp: (p * kl_estimate(logp, ref_logp, estimator)).sum())
+    reverse = grad(lambda logp: (logp.exp() * (logp - ref_logp)).sum())                     # ∇ KL(π‖ref)
+    forward = grad(lambda logp: (ref_logp.exp() * (ref_logp - logp)).sum())                 # ∇ KL(ref‖π)
+    target = {"reverse": reverse, "forward": forward, "none": torch.zeros(5)}[direction]
+    assert torch.allclose(expected, target, atol=1e-6), (expected, target)
+
+
+def test_loss_normalizer_counts_tokens_rows_and_skips_dropped_groups():
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0], [0, 0, 0]])                     # the third row's group was dropped
+    assert loss_normalizer(mask, WORLD, aggregation="token_mean", constant_divisor=8) == 3
+    assert loss_normalizer(mask, WORLD, aggregation="seq_mean", constant_divisor=8) == 2
+    assert loss_normalizer(mask, WORLD, aggregation="constant", constant_divisor=8) == 16
+    assert loss_normalizer(torch.zeros(2, 3), WORLD, aggregation="token_mean", constant_divisor=8) == 0
 
 
 def test_token_mean_and_seq_mean_weigh_tokens_as_the_length_bias_analysis_says():
@@ -88,21 +114,6 @@ def test_token_mean_and_seq_mean_weigh_tokens_as_the_length_bias_analysis_says()
     assert torch.allclose(g_seq.abs(), torch.tensor([[2 / 2, 0, 0], [1 / 6, 1 / 6, 1 / 6]]))
 
 
-def test_world_size_undoes_fsdp_gradient_averaging():
-    logp = torch.zeros(1, 2)
-    one, _ = grpo_loss(logp, logp, torch.tensor([1.0]), torch.ones(1, 2), normalizer=4)
-    two, _ = grpo_loss(logp, logp, torch.tensor([1.0]), torch.ones(1, 2), normalizer=4, world_size=2)
-    assert math.isclose(two.item(), 2 * one.item())
-
-
-def test_bad_aggregation_and_missing_reference_raise():
-    z = torch.zeros(1, 1)
-    with pytest.raises(ValueError, match="grpo.aggregation"):
-        grpo_loss(z, z, torch.zeros(1), z + 1, aggregation="mean", normalizer=1)
-    with pytest.raises(ValueError, match="kl_coef"):
-        grpo_loss(z, z, torch.zeros(1), z + 1, kl_coef=0.1, normalizer=1)
-
-
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
 def test_token_logprob_function_matches_log_softmax_and_its_gradient(temperature):
     torch.manual_seed(0)
@@ -120,51 +131,104 @@ def test_token_logprob_function_matches_log_softmax_and_its_gradient(temperature
     assert torch.allclose(g_ours, g_ref)
 
 
-def _rollout(tiny, n=3, T=8, eos_ids=None, temperature=1.0):
+def _rollout(tiny, n=3, T=8, eos_ids=None, temperature=1.0, examples=None):
     model, processor = tiny
-    examples = synthetic_examples(3, seed=11)
-    examples[0].images = [examples[0].images[0].resize((56, 84))]
+    if examples is None:
+        examples = synthetic_examples(3, seed=11)
+        examples[0].images = [examples[0].images[0].resize((56, 84))]
     encoded = encode_prompts(processor, examples)
     r = sample(model, encoded, n=n, max_new_tokens=T, temperature=temperature, eos_ids=eos_ids,
                generator=torch.Generator().manual_seed(0))
-    return model, encoded, prompt_batch(encoded, [1, 1, 1]), r
+    return model, encoded, [len(ex.images) for ex in examples], r
+
+
+def _logprobs(model, encoded, images, r, rows, **kw):
+    return token_logprobs(model, training_inputs(encoded, images, r, rows), **kw)
 
 
 @pytest.mark.parametrize("temperature", [1.0, 0.6])
 def test_training_forward_logprobs_equal_sampler_logprobs(tiny, temperature):
-    model, encoded, prompts, r = _rollout(tiny, temperature=temperature)
+    model, encoded, images, r = _rollout(tiny, temperature=temperature)
     # Micro-batches of rows from different prompts, in a shuffled order, trimmed of shared left pad.
     rows = torch.tensor([4, 0, 8, 5])
     with torch.no_grad():
-        logp, _ = token_logprobs(model, prompts.rows(r.prompt_index[rows]), r.response_ids[rows],
-                                 r.response_mask[rows], temperature=temperature)
-    assert torch.allclose(logp, r.logprobs[rows], atol=1e-4), (logp - r.logprobs[rows]).abs().max()
+        logp, _ = _logprobs(model, encoded, images, r, rows, temperature=temperature)
+    T = logp.shape[1]
+    assert torch.allclose(logp, r.logprobs[rows, :T], atol=1e-4), (logp - r.logprobs[rows, :T]).abs().max()
+    assert r.logprobs[rows, T:].abs().sum() == 0  # trimmed columns (if any) hold nothing
+
+
+def test_text_only_and_image_rows_in_one_micro_batch_equal_their_separate_forwards(tiny):
+    examples = synthetic_examples(2, seed=4, kinds=("colour",))
+    examples.insert(1, Example(id="text", problem="What is the sum of 2 and 3?", answer="5"))
+    model, encoded, images, r = _rollout(tiny, n=2, examples=examples)
+    with torch.no_grad():
+        mixed, _ = _logprobs(model, encoded, images, r, torch.arange(6))
+        for rows in (torch.tensor([0, 1]), torch.tensor([2, 3]), torch.tensor([4, 5])):
+            alone, _ = _logprobs(model, encoded, images, r, rows)
+            assert torch.allclose(mixed[rows, :alone.shape[1]], alone, atol=1e-5)
+    assert torch.allclose(mixed, r.logprobs[:, :mixed.shape[1]], atol=1e-4)
+
+
+def test_each_micro_batch_encodes_a_prompts_images_once(tiny):
+    model, encoded, images, r = _rollout(tiny, n=3)
+    seen = []
+    hook = model.model.visual.register_forward_hook(lambda m, args, out: seen.append(args[0].shape[0]))
+    try:
+        _logprobs(model, encoded, images, r, torch.arange(6))              # 2 prompts x 3 responses
+    finally:
+        hook.remove()
+    patches = encoded["image_grid_thw"].prod(-1).tolist()
+    assert seen == [patches[0] + patches[1]]  # one tower call on the two prompts' images, not six
+
+
+def test_text_only_micro_batch_still_runs_the_vision_tower_with_a_zero_gradient_path(tiny):
+    model, processor = tiny
+    examples = [Example(id="t1", problem="What is 2 plus 2?", answer="4"), Example(id="t2", problem="Say hi.")]
+    model, encoded, images, r = _rollout(tiny, n=2, examples=examples)
+    calls = []
+    hook = model.model.visual.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        logp, _ = _logprobs(model, encoded, images, r, torch.arange(4))
+        logp.sum().backward()
+    finally:
+        hook.remove()
+    assert calls == [1]  # FSDP2 lockstep: the rank without images still runs (and back-propagates through) the tower
+    tower = [q.grad for q in model.model.visual.parameters()]
+    assert all(g is not None and g.abs().max() == 0 for g in tower)
+    model.zero_grad(set_to_none=True)
+
+
+def test_micro_batches_keep_a_prompts_rows_together_longest_first():
+    prompt_index = torch.tensor([0, 0, 1, 1, 2, 2])
+    lengths = torch.tensor([3, 2, 9, 1, 5, 5])
+    assert [b.tolist() for b in micro_batches(prompt_index, lengths, 4)] == [[2, 3, 4, 5], [0, 1]]
 
 
 def test_eos_is_inside_the_loss_mask_and_gets_gradient(tiny):
-    model, encoded, prompts, free = _rollout(tiny)
+    model, encoded, images, free = _rollout(tiny)
     eos = int(free.response_ids[0, 2])
-    model, encoded, prompts, r = _rollout(tiny, eos_ids=[eos])
+    model, encoded, images, r = _rollout(tiny, eos_ids=[eos])
     stop = r.response_ids[0].tolist().index(eos)
     assert r.response_mask[0, stop] == 1 and r.response_mask[0, stop + 1:].sum() == 0
-    logp, _ = token_logprobs(model, prompts.rows(r.prompt_index[:1]), r.response_ids[:1], r.response_mask[:1])
+    logp, _ = _logprobs(model, encoded, images, r, torch.tensor([0]))
     logp.retain_grad()
-    loss, _ = grpo_loss(logp, logp.detach(), torch.tensor([1.0]), r.response_mask[:1], normalizer=1)
+    loss, _ = grpo_loss(logp, logp.detach(), torch.tensor([1.0]), r.response_mask[:1, :logp.shape[1]], normalizer=1)
     loss.backward()
     assert logp.grad[0, stop] != 0 and (logp.grad[0, stop + 1:] == 0).all()
     model.zero_grad(set_to_none=True)
 
 
 def test_micro_batch_split_does_not_change_the_gradient(tiny):
-    model, encoded, prompts, r = _rollout(tiny)
+    model, encoded, images, r = _rollout(tiny)
     adv = torch.linspace(-1, 1, r.response_ids.shape[0])
     normalizer = r.response_mask.sum().item()
 
     def grads(splits):
         model.zero_grad(set_to_none=True)
         for idx in splits:
-            logp, _ = token_logprobs(model, prompts.rows(r.prompt_index[idx]), r.response_ids[idx], r.response_mask[idx])
-            loss, _ = grpo_loss(logp, logp.detach(), adv[idx], r.response_mask[idx], normalizer=normalizer)
+            logp, _ = _logprobs(model, encoded, images, r, idx)
+            loss, _ = grpo_loss(logp, logp.detach(), adv[idx], r.response_mask[idx, :logp.shape[1]], normalizer=normalizer)
             loss.backward()
         out = [p.grad.clone() for p in model.parameters() if p.grad is not None]
         model.zero_grad(set_to_none=True)
@@ -172,4 +236,4 @@ def test_micro_batch_split_does_not_change_the_gradient(tiny):
 
     whole = grads([torch.arange(9)])
     split = grads([torch.tensor([0, 1, 2, 3]), torch.tensor([4, 5, 6, 7, 8])])
-    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(whole, split))
+    assert len(whole) == len(split) and all(torch.allclose(a, b, atol=1e-6) for a, b in zip(whole, split))

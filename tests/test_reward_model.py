@@ -17,9 +17,10 @@ from harmo_min.data import DataError, Example, load_preference_jsonl
 
 from harmo_min.synthetic import COLOURS, synthetic_examples, synthetic_pairs
 from harmo_min.model import build_tiny
-from harmo_min.reward_model import (RewardConfig, RewardModel, RewardOutput, bradley_terry, encode_pairs,
+import train_reward_model
+from harmo_min.config import load_config
+from harmo_min.reward_model import (HeadConfig, RewardModel, RewardOutput, bradley_terry, encode_pairs,
                                     encode_responses, last_token_index, load_scorer, preference_loss, split_pairs)
-from harmo_min.reward_training import REWARD_MODEL_DEFAULTS, check_config, train_reward_model
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_YAML = ROOT / "configs" / "reward_model_tiny.yaml"
@@ -38,7 +39,7 @@ def one_thread():
 def _rm(gate="fixed", aspects=("score",), seed=0, **kw) -> RewardModel:
     model, processor = build_tiny(seed=seed)
     torch.manual_seed(seed)
-    return RewardModel(model, processor, RewardConfig(aspects=list(aspects), gate=gate, **kw)).eval()
+    return RewardModel(model, processor, HeadConfig(aspects=list(aspects), gate=gate, **kw)).eval()
 
 
 def _items():
@@ -51,13 +52,10 @@ def _items():
     return examples, responses
 
 
-def _cfg(tmp_path, overrides: dict | None = None) -> dict:
-    import yaml
-
-    from harmo_min.config import merge
-    cfg = merge(REWARD_MODEL_DEFAULTS, yaml.safe_load(TINY_YAML.read_text()))
-    cfg["run_dir"] = str(tmp_path / "run")
-    return merge(cfg, overrides or {})
+def _train(tmp_path, *overrides, name="run") -> tuple[dict, Path]:
+    """train_reward_model.py on the tiny config, run_dir under tmp_path; returns (final metrics, run_dir)."""
+    run = tmp_path / name
+    return train_reward_model.main(["--config", str(TINY_YAML), f"run_dir={run}", *overrides]), run
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -162,7 +160,7 @@ def test_save_then_load_gives_identical_scores(tmp_path):
     examples, responses = _items()
     before = rm.score(examples, responses, batch_size=2)
     rm.save_pretrained(tmp_path / "rm")
-    saved = json.loads((tmp_path / "rm" / "reward_config.json").read_text())
+    saved = json.loads((tmp_path / "rm" / "head_config.json").read_text())
     assert saved["aspects"] == ["correctness", "format"] and saved["gate"] == "prompt" and saved["gate_temperature"] == 2.0
     loaded = RewardModel.from_pretrained(tmp_path / "rm")
     after = loaded.score(examples, responses, batch_size=2)
@@ -282,21 +280,17 @@ def test_bad_preference_record_error_names_file_line_and_field(tmp_path, record,
 
 
 def test_bad_config_values_name_the_key(tmp_path):
-    for bad, key in [({"gate": "mlp"}, "reward_model.gate"), ({"aspects": []}, "reward_model.aspects"),
-                     ({"fixed_weights": [1.0]}, "reward_model.fixed_weights"),
-                     ({"gate_temperature": 0.0}, "reward_model.gate_temperature")]:
+    for bad, key in [({"gate": "mlp"}, "head.gate"), ({"aspects": []}, "head.aspects"),
+                     ({"fixed_weights": [1.0]}, "head.fixed_weights"), ({"gate_temperature": 0.0}, "head.gate_temperature")]:
         with pytest.raises(ValueError, match=key):
-            RewardConfig(**{"aspects": ["a", "b"], **bad})
-    cfg = _cfg(tmp_path)
-    with pytest.raises(ValueError, match="train.batch_size"):
-        check_config(cfg, world_size=3)
-    with pytest.raises(ValueError, match="data.answer_format"):
-        check_config({**cfg, "data": {**cfg["data"], "answer_format": "xml"}}, world_size=1)
-    with pytest.raises(ValueError, match="model.dtype"):
-        check_config({**cfg, "model": {**cfg["model"], "dtype": "fp8"}}, world_size=1)
-    from harmo_min.config import load_config
-    with pytest.raises(ValueError, match="did you mean 'reward_model.gate_temperature'"):
-        load_config(str(TINY_YAML), ["reward_model.gate_temprature=2"], defaults=REWARD_MODEL_DEFAULTS)
+            HeadConfig(**{"aspects": ["a", "b"], **bad})
+    defaults, rules = train_reward_model.REWARD_MODEL_DEFAULTS, train_reward_model.RULES
+    for override, key in [("data.answer_format=xml", "data.answer_format"), ("model.compute_dtype=fp8", "model.compute_dtype"),
+                          ("optim.lr=-1", "optim.lr"), ("train.batch_size=0", "train.batch_size")]:
+        with pytest.raises(ValueError, match=key):
+            load_config(str(TINY_YAML), [override], defaults=defaults, rules=rules)
+    with pytest.raises(ValueError, match="did you mean 'head.gate_temperature'"):
+        load_config(str(TINY_YAML), ["head.gate_temprature=2"], defaults=defaults, rules=rules)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -305,13 +299,12 @@ def test_bad_config_values_name_the_key(tmp_path):
 
 def test_tiny_reward_model_learns_synthetic_pairs(tmp_path):
     """The tiny config as shipped: held-out pair accuracy >= 0.9; correctness starts near chance."""
-    cfg = _cfg(tmp_path, {"train": {"log_every": 1000, "eval_every": 0}})  # evaluate before and after only
-    final = train_reward_model(cfg)
+    final, run = _train(tmp_path, "train.log_every=1000", "train.eval_every=0")  # evaluate before and after only
+    cfg = load_config(str(TINY_YAML), [], defaults=train_reward_model.REWARD_MODEL_DEFAULTS)
     for aspect in ("correctness", "faithfulness"):                  # a random model cannot judge the image ...
         assert final[f"init_eval/accuracy/{aspect}"] < 0.7, final
         assert final[f"eval/accuracy/{aspect}"] >= 0.85, final        # ... the trained one can
     assert final["eval/accuracy"] >= 0.9, final
-    run = Path(cfg["run_dir"])
     lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     steps = [m for m in lines if "loss" in m]
     assert len(steps) == cfg["train"]["steps"] and {"loss", "accuracy", "margin", "grad_norm"} <= set(steps[-1])
@@ -327,14 +320,12 @@ def test_tiny_reward_model_learns_synthetic_pairs(tmp_path):
 
 
 def test_checkpoint_resume_continues_from_the_saved_step(tmp_path):
-    overrides = {"data": {"n_train": 16, "n_eval": 0}, "train": {"steps": 2, "batch_size": 4, "save_every": 2,
-                                                                  "export": False, "log_every": 1000}}
-    cfg = _cfg(tmp_path, overrides)
-    train_reward_model(cfg)
-    assert (Path(cfg["run_dir"]) / "checkpoints" / "latest").is_file()
-    cfg["train"]["steps"] = 3
-    final = train_reward_model(cfg, resume=True)
-    steps = [json.loads(line)["step"] for line in (Path(cfg["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
+    small = ["data.n_train=16", "data.n_eval=0", "train.batch_size=4", "train.save_every=2", "train.export=false",
+             "train.log_every=1000"]
+    _, run = _train(tmp_path, "train.steps=2", *small)
+    assert (run / "checkpoints" / "latest").is_file()
+    final = train_reward_model.main(["--config", str(TINY_YAML), f"run_dir={run}", "train.steps=3", *small, "--resume"])
+    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3] and final["step"] == 3
 
 
@@ -345,14 +336,12 @@ def test_two_rank_fsdp_training_and_uneven_scoring_match_one_process(tmp_path):
             "data.n_eval=3", "train.eval_batch_size=1", "train.batch_size=4", "train.log_every=1"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "TOKENIZERS_PARALLELISM": "false"}
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           str(ROOT / "train.py"), *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+                           str(ROOT / "train_reward_model.py"), *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     two = [json.loads(line) for line in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
 
-    one_cfg = _cfg(tmp_path, {"data": {"n_train": 32, "n_eval": 3}, "train": {"steps": 2, "eval_batch_size": 1,
-                                                                                "batch_size": 4, "log_every": 1000}})
-    one_cfg["run_dir"] = str(tmp_path / "one")
-    train_reward_model(one_cfg)
+    _train(tmp_path, "train.steps=2", "data.n_train=32", "data.n_eval=3", "train.eval_batch_size=1",
+           "train.batch_size=4", "train.log_every=1000", name="one")
     one = [json.loads(line) for line in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()]
     for a, b in zip(one, two):
         for key in ("loss", "grad_norm", "eval/margin"):

@@ -6,13 +6,18 @@ import dataclasses
 import math
 import random
 import re
+import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+import yaml
 
 from harmo_min import rewards as R
-from harmo_min.verifier import Verdict
+from harmo_min.verifier import Verdict, answer_block, extract_answer, last_boxed
+
+README = Path(__file__).resolve().parents[1] / "README.md"
 
 
 @dataclass
@@ -27,6 +32,10 @@ class Ex:
 
 def V(correct: bool, confidence: float = 1.0, reason: str = "test") -> Verdict:
     return Verdict(correct=correct, confidence=confidence, pred=None, reason=reason)
+
+
+def config(d: dict | None = None, answer_format: str = "think_answer") -> R.RewardConfig:
+    return R.RewardConfig.from_dict(d, answer_format=answer_format)
 
 
 def score(ex, responses, *, lengths=None, finish=None, cfg=None, **kw) -> R.GroupRewards:
@@ -47,19 +56,30 @@ def scratch_aspects():
         del R.ASPECTS[name]
 
 
+@pytest.fixture
+def plugin_dir(tmp_path, monkeypatch, scratch_aspects):
+    """A folder on sys.path for plugin modules; the modules imported from it are forgotten afterwards."""
+    monkeypatch.syspath_prepend(str(tmp_path))
+    yield tmp_path
+    for name in [n for n, m in sys.modules.items() if str(tmp_path) in str(getattr(m, "__file__", None))]:
+        del sys.modules[name]
+
+
 # ---------------------------------------------------------------------------------------------------- config
 def test_defaults_follow_design():
-    cfg = R.RewardConfig.from_dict({})
+    cfg = config({})
     assert cfg.weights == {"accuracy": 1.0, "format": 0.1, "instruction": 0.1, "length": 1.0, "overlong": 0.0}
-    assert (cfg.combine, cfg.format, cfg.accuracy_requires_format) == ("sum_then_normalize", "think_answer", False)
+    assert (cfg.combine, cfg.answer_format, cfg.accuracy_requires_format) == ("sum_then_normalize", "think_answer",
+                                                                              False)
+    assert (cfg.accuracy_source, cfg.plugins) == ("hybrid", ())
     assert (cfg.min_confidence, cfg.rm_temperature, cfg.correct_threshold) == (0.5, 1.0, 0.5)
     assert (cfg.length_p_max, cfg.length_tau, cfg.overlong_max_len, cfg.overlong_buffer) == (0.5, 0.5, None, 0)
     assert (cfg.verifier_timeout_s, cfg.workers) == (1.0, 0)
-    assert R.RewardConfig.from_dict(None) == cfg == R.RewardConfig()
+    assert config(None) == cfg == R.RewardConfig()
 
 
 def test_from_dict_overrides_weights_one_by_one():
-    cfg = R.RewardConfig.from_dict({"weights": {"length": 0.0, "overlong": 0.5}, "combine": "normalize_then_sum"})
+    cfg = config({"weights": {"length": 0.0, "overlong": 0.5}, "combine": "normalize_then_sum"})
     assert cfg.weights == {"accuracy": 1.0, "format": 0.1, "instruction": 0.1, "length": 0.0, "overlong": 0.5}
     assert cfg.combine == "normalize_then_sum"
 
@@ -74,7 +94,15 @@ def test_from_dict_overrides_weights_one_by_one():
     ({"weights": {"format": True}}, "reward.weights.format: must be a number"),
     ({"weights": [1, 2]}, "reward.weights: must be a mapping"),
     ({"combine": "sum_then_normalise"}, "reward.combine: 'sum_then_normalise' is not one of"),
-    ({"format": "xml"}, "reward.format: 'xml' is not one of"),
+    ({"format": "boxed"}, "reward.format: not a reward key; the answer format (and so the format checked) is "
+                          "data.answer_format, one of ('think_answer', 'boxed', 'bare')"),
+    ({"answer_format": "boxed"}, "reward.answer_format: not a reward key"),
+    ({"accuracy_source": "rules"}, "reward.accuracy_source: 'rules' is not one of ('hybrid', 'rule', 'model') "
+                                   "(did you mean 'rule'?)"),
+    ({"plugins": "my_rewards"}, "reward.plugins: must be a list of module names, got 'my_rewards'"),
+    ({"plugins": ["harmo_min.verifier", ""]}, "reward.plugins[1]: must be a module name such as my_rewards"),
+    ({"plugins": ["no_such_module_for_harmo"]}, "reward.plugins[0]: cannot import 'no_such_module_for_harmo' "
+                                                "(ModuleNotFoundError: No module named 'no_such_module_for_harmo')"),
     ({"accuracy_requires_format": "false"}, "reward.accuracy_requires_format: must be true or false"),
     ({"min_confidence": 1.5}, "reward.min_confidence: must be a number in [0, 1]"),
     ({"correct_threshold": 0}, "reward.correct_threshold: must be a number in (0, 1]"),
@@ -91,15 +119,30 @@ def test_from_dict_overrides_weights_one_by_one():
 ])
 def test_config_errors_name_the_full_key(d, message):
     with pytest.raises(ValueError, match=re.escape(message)):
-        R.RewardConfig.from_dict(d)
+        config(d)
 
 
 def test_config_prefix_and_replace_are_validated():
     with pytest.raises(ValueError, match=re.escape("train.reward.weights.acuracy: unknown aspect 'acuracy' "
                                                    "(did you mean 'accuracy'?)")):
-        R.RewardConfig.from_dict({"weights": {"acuracy": 1}}, prefix="train.reward")
+        R.RewardConfig.from_dict({"weights": {"acuracy": 1}}, answer_format="boxed", prefix="train.reward")
     with pytest.raises(ValueError, match="reward.length_tau"):
         dataclasses.replace(R.RewardConfig(), length_tau=-1)
+
+
+def test_answer_format_is_data_answer_format():
+    assert config({}, "boxed").answer_format == "boxed"
+    assert config({"weights": {"format": 0}}, "bare").weights["format"] == 0
+    with pytest.raises(ValueError, match=re.escape("reward.weights.format: must be 0 when data.answer_format is "
+                                                   "bare (there is no format to check), got 0.1")):
+        config({}, "bare")  # the default weight too: say so rather than reward a format nobody asked for
+    with pytest.raises(ValueError, match=re.escape("reward.accuracy_requires_format: must be false when "
+                                                   "data.answer_format is bare")):
+        config({"weights": {"format": 0}, "accuracy_requires_format": True}, "bare")
+    with pytest.raises(ValueError, match=re.escape("data.answer_format: 'xml' is not one of")):
+        config({}, "xml")
+    with pytest.raises(TypeError, match="answer_format"):
+        R.RewardConfig.from_dict({})  # the trainer must say which format the prompts asked for
 
 
 def test_resolve_fills_only_a_null_max_len():
@@ -126,6 +169,9 @@ def test_registering_a_name_twice_raises():
     ("<answer>4</answer><think>a</think>", 0.0),  # wrong order
     ("<think>a</think>", 0.0),
     ("4", 0.0),
+    ("<THINK>a</THINK>\n<Answer>4</Answer>", 1.0),  # any ASCII case, as the verifier reads the tags
+    ("<think>a</think><answer>4</answer></answer>", 0.0),
+    ("<think>a</think><answer>4<think>b</think></answer>", 0.0),  # a block inside the answer
 ])
 def test_format_think_answer(response, expected):
     assert score(Ex(), [response], verdicts=[V(True)]).breakdown["format"] == [expected]
@@ -137,10 +183,50 @@ def test_format_think_answer(response, expected):
     ("\\boxed{\\frac{1}{2}", 0.0),  # unbalanced
     ("\\boxed{ }", 0.0),
     ("<think>a</think><answer>4</answer>", 0.0),
+    ("The answer is \\fbox{5}.", 1.0),  # a box to the verifier is a box to the format check
+    ("so \\boxed 5", 1.0),
+    ("\\boxed{3} and a broken \\boxed{4", 0.0),  # the last box is malformed: no earlier box stands in
 ])
 def test_format_boxed(response, expected):
-    cfg = R.RewardConfig(format="boxed")
+    cfg = R.RewardConfig(answer_format="boxed")
     assert score(Ex(), [response], cfg=cfg, verdicts=[V(True)]).breakdown["format"] == [expected]
+
+
+def test_format_and_accuracy_read_the_answer_with_one_parser():
+    # Under answer_format boxed, "\fbox{5}" got accuracy 1 (the verifier's box) and format 0 (another parser's).
+    cfg = R.RewardConfig(answer_format="boxed")
+    out = score(Ex(answer="5"), ["The answer is \\fbox{5}.", "so \\boxed 5", "so \\boxed{5"], cfg=cfg)
+    assert out.breakdown["accuracy"] == [1.0, 1.0, 0.0]
+    assert out.breakdown["format"] == [1.0, 1.0, 0.0]
+
+
+def test_instruction_checks_read_answer_tags_in_any_case():
+    # The verifier found <ANSWER>…</ANSWER>; the instruction checks did not, and counted the tags as words.
+    ex = Ex(constraints=[{"kind": "max_words", "value": 1}, {"kind": "must_not_include", "value": "answer"}])
+    response = "<THINK>long reasoning here</THINK><ANSWER> four </ANSWER>"
+    assert extract_answer(response) == "four"
+    assert score(ex, [response], verdicts=[V(True)]).breakdown["instruction"] == [1.0]
+    assert score(ex, ["<think>x</think> four <Think>a b c"], verdicts=[V(True)]).breakdown["instruction"] == [1.0]
+
+
+AGREEMENT = [GOOD, "<THINK>a</THINK><ANSWER>B</ANSWER>", "<answer>1</answer><answer>2</answer>", "x \\fbox{3}",
+             "\\boxed 7", "\\boxed{1} \\boxed{2", "<Answer>\\boxed{4}</ANSWER>", "<think>a</think><answer> </answer>",
+             "no tags", "<answer>open"]
+
+
+@pytest.mark.parametrize("response", AGREEMENT)
+def test_format_instruction_and_verifier_agree_on_where_the_answer_is(response):
+    block, box = answer_block(response), last_boxed(response)
+    if R.format_ok(response, "think_answer"):  # format 1: the verifier and the instruction checks read that block
+        assert block.strip() and R.visible_text(response) == block
+    assert R.format_ok(response, "boxed") == bool(box and box.strip())
+    if block is None and box and box.strip():  # format 1: the box is the answer the verifier reads
+        assert extract_answer(response) == box.strip()
+
+
+def test_format_ok_refuses_a_format_without_a_shape():
+    with pytest.raises(ValueError, match="'bare' has no format to check"):
+        R.format_ok("5", "bare")
 
 
 # ---------------------------------------------------------------------------------------------------- constraints
@@ -265,20 +351,20 @@ def test_length_penalty_correct_threshold_applies_to_model_scores():
     (100, "eos", -1.0), (100, "length", -1.0), (50, "length", -1.0), (120, "eos", -1.0),
 ])
 def test_overlong_soft_punishment_boundaries(length, finish, expected):
-    cfg = R.RewardConfig.from_dict({"weights": {"overlong": 1.0}, "overlong_max_len": 100, "overlong_buffer": 20})
+    cfg = config({"weights": {"overlong": 1.0}, "overlong_max_len": 100, "overlong_buffer": 20})
     out = score(Ex(), ["x"], lengths=[length], finish=[finish], cfg=cfg, verdicts=[V(False)])
     assert out.breakdown["overlong"] == [pytest.approx(expected)]
 
 
 def test_overlong_with_no_buffer_is_a_step_at_the_limit():
-    cfg = R.RewardConfig.from_dict({"weights": {"overlong": 1.0}}).resolve(100)
+    cfg = config({"weights": {"overlong": 1.0}}).resolve(100)
     out = score(Ex(), ["x"] * 3, lengths=[99, 100, 100], finish=["eos", "eos", "length"], cfg=cfg,
                 verdicts=[V(False)] * 3)
     assert out.breakdown["overlong"] == [0.0, -1.0, -1.0]
 
 
 def test_overlong_switched_on_without_max_len_names_the_key():
-    cfg = R.RewardConfig.from_dict({"weights": {"overlong": 1.0}})
+    cfg = config({"weights": {"overlong": 1.0}})
     with pytest.raises(ValueError, match=r"reward\.overlong_max_len: null"):
         score(Ex(), ["x"], cfg=cfg, verdicts=[V(False)])
     assert "overlong" not in score(Ex(), ["x"], verdicts=[V(False)]).breakdown  # weight 0: off, not computed
@@ -305,6 +391,35 @@ def test_open_items_use_the_model_and_say_none_without_one():
     assert out.route == ["none", "none"] and out.breakdown["accuracy"] == [0.0, 0.0]
     out = score(ex, ["a", "b"], model_scores=[None, float("inf")])
     assert out.route == ["none", "none"] and out.breakdown["accuracy"] == [0.0, 0.0]
+
+
+def test_a_score_beyond_float_range_is_missing_not_a_crash():
+    # 10**400 is a valid Python int that no float holds (it raised OverflowError); like inf, it is no usable score.
+    out = score(Ex(answer=None, task="open"), ["a", "b", "c"], model_scores=[10**400, -10**400, 10**300])
+    assert out.route == ["none", "none", "model"] and out.breakdown["accuracy"] == [0.0, 0.0, 1.0]
+    out = score(Ex(), ["x"], verdicts=[V(True, 0.3)], model_scores=[10**400])
+    assert out.route == ["rule_low_confidence"] and out.breakdown["accuracy"] == [1.0]
+
+
+def test_accuracy_source_rule_ignores_the_reward_model():
+    cfg = R.RewardConfig(accuracy_source="rule", min_confidence=0.7)
+    verdicts = [V(True, 1.0), V(False, 1.0), V(True, 0.6), V(False, 0.0, "timeout")]
+    out = score(Ex(), ["x"] * 4, cfg=cfg, verdicts=verdicts, model_scores=[-5.0, 5.0, -5.0, 5.0])
+    assert out.route == ["rule", "rule", "rule_low_confidence", "none"]
+    assert out.breakdown["accuracy"] == [1.0, 0.0, 1.0, 0.0]
+    out = score(Ex(answer=None, task="open"), ["a", "b"], cfg=cfg, model_scores=[5.0, None])
+    assert out.route == ["none", "none"] and out.breakdown["accuracy"] == [0.0, 0.0]
+
+
+def test_accuracy_source_model_scores_every_item_with_the_reward_model(monkeypatch):
+    cfg = R.RewardConfig(accuracy_source="model", rm_temperature=2.0)
+    monkeypatch.setattr(R, "verify", None)  # the verifier must not run: calling it would raise TypeError
+    out = score(Ex(answer="4"), [GOOD, "<answer>5</answer>", GOOD], cfg=cfg, model_scores=[2.0, -2.0, None])
+    assert out.route == ["model", "model", "none"]
+    assert out.breakdown["accuracy"] == pytest.approx([1 / (1 + math.exp(-1)), 1 / (1 + math.exp(1)), 0.0])
+    examples, groups, lengths, finish, scores = _mixed_batch()
+    batch = R.score_batch(examples, groups, lengths=lengths, finish_reasons=finish, model_scores=scores, cfg=cfg)
+    assert [b.route for b in batch] == [["none", "none"], ["none", "none"], ["model", "model"]]
 
 
 def test_task_is_inferred_from_the_answer_when_absent():
@@ -382,8 +497,8 @@ def probe(scratch_aspects):
 def test_the_two_combination_modes_differ_where_they_should(probe):
     probe.update({"a": 0.0, "b": 2.0, "c": 1.0})
     weights = {"accuracy": 0.0, "format": 0.0, "instruction": 0.0, "length": 0.0, "probe": 1.0}
-    plain = R.RewardConfig.from_dict({"weights": weights})
-    gdpo = R.RewardConfig.from_dict({"weights": weights, "combine": "normalize_then_sum"})
+    plain = config({"weights": weights})
+    gdpo = config({"weights": weights, "combine": "normalize_then_sum"})
     wide, narrow = ["a", "b"], ["a", "c"]  # aspect vectors (0, 2) and (0, 1)
     assert score(Ex(), wide, cfg=plain, verdicts=[V(False)] * 2).total == [0.0, 2.0]
     assert score(Ex(), narrow, cfg=plain, verdicts=[V(False)] * 2).total == [0.0, 1.0]
@@ -400,9 +515,9 @@ def test_normalize_then_sum_keeps_a_small_aspect_from_being_drowned(probe):
     # normalised, each aspect contributes ±w, so accuracy dominates as its weight says.
     probe.update({"right": 0.0, "wrong": 10.0})
     weights = {"format": 0.0, "instruction": 0.0, "length": 0.0, "probe": 0.1}
-    plain = score(Ex(), ["right", "wrong"], cfg=R.RewardConfig.from_dict({"weights": weights}),
+    plain = score(Ex(), ["right", "wrong"], cfg=config({"weights": weights}),
                   verdicts=[V(True), V(False)])
-    gdpo = score(Ex(), ["right", "wrong"], cfg=R.RewardConfig.from_dict({"weights": weights,
+    gdpo = score(Ex(), ["right", "wrong"], cfg=config({"weights": weights,
                                                                           "combine": "normalize_then_sum"}),
                  verdicts=[V(True), V(False)])
     assert plain.total == pytest.approx([1.0, 1.0])
@@ -427,42 +542,56 @@ def test_accuracy_gate_on_format():
 
 
 # ---------------------------------------------------------------------------------------------------- registry
-README_EXAMPLE = '''\
-from harmo_min.rewards import RewardConfig, register_aspect, score_group
-
-@register_aspect("repetition")
-def repetition(example, response, ctx) -> float:
-    """Minus the share of repeated word 4-grams: 0 for fresh text, near -1 for a loop."""
-    words = response.split()
-    grams = [tuple(words[i:i + 4]) for i in range(len(words) - 3)]
-    return -(1 - len(set(grams)) / len(grams)) if grams else 0.0
-
-cfg = RewardConfig.from_dict({"weights": {"repetition": 0.5}})  # YAML: reward.weights.repetition: 0.5
-'''
+def _readme_blocks(section: str) -> dict[str, str]:
+    """The first code block of each language (python, yaml) in a README section: the text a user copies."""
+    text = README.read_text(encoding="utf-8")
+    assert f"### {section}\n" in text, f"README lost its '{section}' section"
+    body = text.split(f"### {section}\n", 1)[1].split("\n## ", 1)[0].split("\n### ", 1)[0]
+    blocks = {}
+    for lang, code in re.findall(r"```(\w+)\n(.*?)```", body, flags=re.S):
+        blocks.setdefault(lang, code)
+    return blocks
 
 
-def test_readme_example_adds_an_aspect_exactly_as_shown(scratch_aspects):
-    namespace = {}
-    exec(README_EXAMPLE, namespace)
-    cfg, score_group = namespace["cfg"], namespace["score_group"]
+def test_readme_example_adds_an_aspect_exactly_as_shown(plugin_dir):
+    # The module and the config lines, copied from the README: no edit of train.py, nothing else registered.
+    blocks = _readme_blocks("Adding a reward aspect")
+    (plugin_dir / "my_rewards.py").write_text(blocks["python"], encoding="utf-8")
+    reward_section = yaml.safe_load(blocks["yaml"])["reward"]
+    assert reward_section["plugins"] == ["my_rewards"] and "repetition" not in R.ASPECTS
+    cfg = R.RewardConfig.from_dict(reward_section, answer_format="think_answer")
     loop = "the answer is 4 " * 5  # 20 words, 17 4-grams, 4 of them distinct
-    out = score_group(Ex(), [GOOD, loop], lengths=[50, 50], finish_reasons=["eos", "eos"], cfg=cfg,
-                      verdicts=[V(True), V(True)])
+    out = R.score_group(Ex(), [GOOD, loop], lengths=[50, 50], finish_reasons=["eos", "eos"], cfg=cfg,
+                        verdicts=[V(True), V(True)])
     assert out.breakdown["repetition"] == [0.0, pytest.approx(-(1 - 4 / 17))]
     weighted = [sum(cfg.weights[a] * out.breakdown[a][i] for a in out.breakdown) for i in range(2)]
     assert out.total == pytest.approx(weighted) and out.total[0] - out.total[1] == pytest.approx(0.1 + 0.5 * 13 / 17)
 
 
-def test_readme_shows_the_tested_example():
-    readme = Path(__file__).resolve().parents[1] / "README.md"
-    assert README_EXAMPLE in readme.read_text(encoding="utf-8")
+def test_plugins_are_imported_before_the_weights_are_checked(plugin_dir):
+    (plugin_dir / "probe_plugin.py").write_text(
+        "from harmo_min.rewards import register_aspect\n\n\n@register_aspect('chars')\n"
+        "def chars(example, response, ctx):\n    return float(len(response))\n", encoding="utf-8")
+    with pytest.raises(ValueError, match="reward.weights.chars: unknown aspect"):
+        config({"weights": {"chars": 1.0}})  # without the plugin the aspect does not exist
+    cfg = config({"plugins": ["probe_plugin"], "weights": {"chars": 1.0}})
+    assert cfg.plugins == ("probe_plugin",)
+    assert score(Ex(), ["ab", "abcd"], cfg=cfg, verdicts=[V(False)] * 2).breakdown["chars"] == [2.0, 4.0]
+    assert config({"plugins": ["probe_plugin"], "weights": {"chars": 1.0}}) == cfg  # imported once, no re-register
+
+
+def test_a_plugin_that_fails_names_its_config_entry(plugin_dir):
+    (plugin_dir / "broken_plugin.py").write_text("raise RuntimeError('boom')\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=re.escape("reward.plugins[1]: cannot import 'broken_plugin' "
+                                                   "(RuntimeError: boom)")):
+        config({"plugins": ["harmo_min.verifier", "broken_plugin"]})
 
 
 def test_group_aspect_sees_the_whole_group(scratch_aspects):
     @R.register_aspect("rank", group=True)
     def rank(example, group):
         return [float(sorted(group.lengths).index(n)) for n in group.lengths]
-    cfg = R.RewardConfig.from_dict({"weights": {"rank": 1.0}})
+    cfg = config({"weights": {"rank": 1.0}})
     assert score(Ex(), ["x"] * 3, lengths=[30, 10, 20], cfg=cfg, verdicts=[V(False)] * 3).breakdown["rank"] == [
         2.0, 0.0, 1.0]
 
@@ -471,27 +600,43 @@ def test_a_broken_user_aspect_fails_loudly(scratch_aspects):
     R.register_aspect("nan")(lambda example, response, ctx: float("nan"))
     R.register_aspect("short", group=True)(lambda example, group: [0.0])
     for name, message in (("nan", r"aspect nan\[0\]: must be a finite number"), ("short", "aspect short: expected 2")):
-        cfg = R.RewardConfig.from_dict({"weights": {name: 1.0}})
+        cfg = config({"weights": {name: 1.0}})
         with pytest.raises(ValueError, match=message):
             score(Ex(), ["x", "y"], cfg=cfg, verdicts=[V(False)] * 2)
 
 
 # ---------------------------------------------------------------------------------------------------- inputs
 @pytest.mark.parametrize("kw, message", [
-    ({"lengths": [1]}, "lengths: expected 2 entries"),
-    ({"lengths": [1, -1]}, r"lengths\[1\]: must be a non-negative integer"),
-    ({"lengths": [1, 2.5]}, r"lengths\[1\]"),
-    ({"finish_reasons": ["eos"]}, "finish_reasons: expected 2 entries"),
-    ({"model_scores": [0.0]}, "model_scores: expected 2 entries"),
-    ({"model_scores": [0.0, "high"]}, r"model_scores\[1\]: must be a number or None"),
-    ({"verdicts": [V(True)]}, "verdicts: expected 2 entries"),
+    ({"model_scores": [0.0]}, r"model_scores: expected 2 entries \(one per response\), got 1"),
+    ({"model_scores": [0.0, "high"]}, r"model_scores\[1\]: must be a number or None, got 'high'"),
+    ({"model_scores": [True, 0.0]}, r"model_scores\[0\]: must be a number or None"),
 ])
-def test_bad_inputs_raise_naming_the_argument(kw, message):
+def test_bad_model_scores_raise_naming_the_entry(kw, message):
     args = {"lengths": [1, 2], "finish_reasons": ["eos", "eos"], "verdicts": [V(True)] * 2, **kw}
     with pytest.raises(ValueError, match=message):
         R.score_group(Ex(), ["a", "b"], cfg=R.RewardConfig(), **args)
-    with pytest.raises(ValueError, match="empty group"):
+
+
+@pytest.mark.parametrize("kw", [{"lengths": [1]}, {"finish_reasons": ["eos"]}, {"verdicts": [V(True)]}])
+def test_inputs_the_trainer_builds_are_asserted(kw):
+    args = {"lengths": [1, 2], "finish_reasons": ["eos", "eos"], "verdicts": [V(True)] * 2, **kw}
+    with pytest.raises(AssertionError):
+        R.score_group(Ex(), ["a", "b"], cfg=R.RewardConfig(), **args)
+    with pytest.raises(AssertionError):
         R.score_group(Ex(), [], lengths=[], finish_reasons=[], cfg=R.RewardConfig())
+
+
+def test_a_long_response_is_scored_in_bounded_time():
+    # 16 KB with a run of spaces in the answer: 7 s in score_group when the verifier's regexes were quadratic.
+    constraints = [{"kind": "max_words", "value": 30}, {"kind": "answer_is_number"},
+                   {"kind": "language", "value": "en"}]
+    responses = ["<think>" + "x " * 2000 + "</think><answer>4" + " " * 16_000 + "5</answer>",
+                 "<think>" + " " * 16_000 + "</think><answer>" + "{" * 16_000 + "</answer>"]
+    cfg = config({"weights": {"overlong": 1.0}, "overlong_max_len": 1000})
+    t = time.perf_counter()
+    out = score(Ex(constraints=constraints), responses, cfg=cfg)
+    assert time.perf_counter() - t < 1.0
+    assert out.breakdown["accuracy"] == [0.0, 0.0]
 
 
 def _garbage() -> list[str]:
@@ -519,9 +664,9 @@ def test_garbage_output_never_raises():
     for ex in (Ex(answer="4", constraints=constraints), Ex(answer="\\frac{1}{2}", choices=["a", "b"]),
                Ex(answer=None, task="open", constraints=constraints)):
         for c in ("sum_then_normalize", "normalize_then_sum"):
-            for fmt in R.FORMATS:
-                run_cfg = R.RewardConfig.from_dict({"weights": {"overlong": 1.0}, "combine": c, "format": fmt,
-                                                    "overlong_max_len": 1000, "accuracy_requires_format": True})
+            for fmt in R.CHECKED_FORMATS:
+                run_cfg = config({"weights": {"overlong": 1.0}, "combine": c, "overlong_max_len": 1000,
+                                  "accuracy_requires_format": True}, fmt)
                 out = R.score_group(ex, responses, lengths=lengths, finish_reasons=["length"] * len(responses),
                                     model_scores=[0.0] * len(responses), cfg=run_cfg)
                 assert all(math.isfinite(t) for t in out.total)

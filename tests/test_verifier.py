@@ -1,6 +1,7 @@
 """Tests for harmo_min.verifier: the labelled case set, the contract the combiner relies on, hostile input,
 the wall-clock bound, threads and the process-pool batch."""
 
+import multiprocessing as mp
 import os
 import subprocess
 import sys
@@ -170,42 +171,118 @@ def test_answer_at_the_end_of_200kb_response():
     assert v.correct and dt < BOUND_S
 
 
+# Runs that made the pre-sympy regexes quadratic (3.5 s at 16 K spaces, minutes at 200 K): every path is bounded,
+# not only sympy. Each is an incorrect answer, so the verdict is known; the time is what is tested.
+RUN = 200_000
+SLOW_PATHS = [
+    ("spaces in a math answer", "<answer>1" + " " * RUN + "2</answer>", "5", None),
+    ("spaces in a choice answer", "<answer>1" + " " * RUN + "x</answer>", "B", ["3 cm", "5 cm"]),
+    ("spaces after 'option'", "<answer>option" + " " * RUN + "!</answer>", "B", ["3 cm", "5 cm"]),
+    ("spaces in a text answer", "<answer>the" + " " * RUN + "x</answer>", "Paris", None),
+    ("spaces in a phrase", "The answer is" + " " * RUN + "x", "5", None),
+    ("spaces in a bare reply", "  x" + " " * RUN, "5", None),
+    ("whitespace mix", "<answer>" + "\t\n " * (RUN // 3) + "5 ,</answer>", "4", None),
+    ("braces in an answer", "<answer>" + "{" * RUN + "</answer>", "5", None),
+    ("spaces before carets in the gold", "\\boxed{x}", "x" + " " * 2900 + "^2", None),
+    ("commas in a gold set", "\\boxed{x}", "{" + "," * 2900 + "x", None),
+    ("spaces after 'option' in the gold", "\\boxed{x}", "option" + " " * 2900 + "!", ["3 cm", "5 cm"]),
+    ("letters and spaces before a unit", "\\boxed{1}", "1 " + "a" * 1400 + " " * 1400 + "!", None),
+]
+
+
+@pytest.mark.parametrize("name,response,gold,choices", SLOW_PATHS, ids=[s[0] for s in SLOW_PATHS])
+def test_every_path_is_bounded(name, response, gold, choices):
+    v, dt = _timed(response, gold, choices=choices, timeout_s=0.2)
+    assert v.correct is False and v.reason in REASONS, v.reason
+    assert dt < 0.5, f"{name} took {dt:.2f}s"
+
+
+@pytest.mark.parametrize("response,gold", [
+    ("<answer>}}}}5{{{</answer>", "5"),
+    ("<answer>\\frac{1}{2</answer>", "\\frac{1}{2}"),
+    ("<answer>((5</answer>", "5"),
+    ("<answer>}}}Paris{{{</answer>", "Paris"),
+    ("<answer>[yes</answer>", "yes"),
+    ("<answer>\\text{Paris</answer>", "Paris"),
+])
+def test_weak_fallback_rejects_unbalanced_and_garbage(response, gold):
+    v = verify(response, gold)
+    assert v.correct is False, v
+
+
+def test_weak_fallback_still_matches_prose():
+    for response, gold in [("<answer>the Eiffel Tower.</answer>", "Eiffel Tower"), ("\\boxed{\\text{Paris}}", "Paris"),
+                           ("<answer>U.S.A.</answer>", "USA"), ("<answer>YES!</answer>", "yes")]:
+        assert verify(response, gold) == Verdict(True, verifier.WEAK, extract_answer(response), "string")
+
+
 def _hang(*args):
     time.sleep(60)
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="relies on the forked worker inheriting a patch")
 def test_hung_sympy_job_is_cut_at_the_timeout(monkeypatch):
-    verifier._kill_worker()
+    verifier._shutdown()
     monkeypatch.setattr(verifier, "_sympy_compare", _hang)  # the next forked worker hangs on every job
     v, dt = _timed("\\boxed{x^2+2x+1}", "(x+1)^2", timeout_s=0.2)
     assert (v.correct, v.confidence, v.reason) == (False, 0.0, "timeout")
     assert 0.2 <= dt < 0.2 + 1.0
     monkeypatch.undo()
-    verifier._kill_worker()
+    verifier._shutdown()
     assert verify("\\boxed{x^2+2x+1}", "(x+1)^2") == Verdict(True, 1.0, "x^2+2x+1", "symbolic")
 
 
 def test_timeout_off_the_main_thread(monkeypatch):
     if not sys.platform.startswith("linux"):
         pytest.skip("relies on the forked worker inheriting a patch")
-    verifier._kill_worker()
+    verifier._shutdown()
     monkeypatch.setattr(verifier, "_sympy_compare", _hang)
     got = []
     t = threading.Thread(target=lambda: got.append(_timed("\\boxed{\\sqrt{5}}", "2.24", timeout_s=0.2)))
     t.start()
     t.join(timeout=10)
     monkeypatch.undo()
-    verifier._kill_worker()
+    verifier._shutdown()
     (v, dt), = got
     assert v.reason == "timeout" and dt < 1.2
 
 
 def test_dead_worker_is_replaced():
     assert verify("\\boxed{\\sqrt{2}^2}", "2").correct
-    verifier._worker.proc.kill()
-    verifier._worker.proc.join()
+    os.kill(verifier._sympy.pid, 9)
+    os.waitpid(verifier._sympy.pid, 0)
     assert verify("\\boxed{\\sqrt{3}^2}", "3").correct
+
+
+def test_an_interrupted_call_never_leaves_a_stale_answer(monkeypatch):
+    # Ctrl-C between sending a job and reading its answer leaves that answer in the pipe: the worker must go,
+    # or the next call would read it as its own verdict.
+    assert verify("\\boxed{x^2}", "x^2+0").reason == "symbolic"  # the worker is up
+    connection = type(verifier._sympy.conn)
+    real_poll = connection.poll
+
+    def interrupted(self, timeout=0.0):
+        monkeypatch.setattr(connection, "poll", real_poll)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(connection, "poll", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        verify("\\boxed{(x+1)^2}", "x^2+2x+1")  # its answer, True, was on its way
+    assert verify("\\boxed{(x+1)^2}", "x^2+2x+2") == Verdict(False, 1.0, "(x+1)^2", "symbolic")
+
+
+def test_an_interrupted_batch_never_leaves_a_stale_answer(monkeypatch):
+    right, wrong = [("\\boxed{2}", "2")] * 6, [("\\boxed{3}", "2")] * 6
+    assert all(v.correct for v in verify_batch(right, workers=2))  # the pool is up
+
+    def interrupted(job):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(verifier, "_verify_items", interrupted)  # this process's share; the workers got theirs
+    with pytest.raises(KeyboardInterrupt):
+        verify_batch(right, workers=2)
+    monkeypatch.undo()
+    assert [v.correct for v in verify_batch(wrong, workers=2)] == [False] * 6
 
 
 def test_slow_sympy_is_bounded():
@@ -249,6 +326,98 @@ def test_verify_batch_serial_equals_parallel():
     parallel = verify_batch(items, workers=2)
     assert serial == parallel
     assert [v.correct for v in serial[:len(CASES)]] == [c[4] for c in CASES]
+
+
+# Symbolic cases: each needs the sympy worker, which a daemonic process could not start with multiprocessing.
+SYMBOLIC = [("\\boxed{2^3}", "8", None), ("\\boxed{x^2+2x+1}", "(x+1)^2", None),
+            ("\\boxed{2\\sqrt{2}}", "\\sqrt{8}", None), ("\\boxed{\\sin^2 x + \\cos^2 x}", "1", None),
+            ("\\boxed{x^2}", "x^3", None), ("<answer>\\frac{\\pi}{3}</answer>", "60^\\circ", None)]
+SYMBOLIC += [c[1:4] for c in CASES if c[0] == "algebra"]
+
+
+def _verify_into(queue, items):
+    queue.put(verify_batch(items) + verify_batch(items, workers=2))
+
+
+@pytest.mark.parametrize("method", ["fork", "spawn", "forkserver"])
+def test_same_verdicts_in_a_pool_worker(method):
+    expected = verify_batch(SYMBOLIC, workers=2)  # the parent's pool and sympy worker exist when the pool forks
+    assert sum(v.reason == "symbolic" for v in expected) >= 8 and any(v.correct for v in expected)
+    with mp.get_context(method).Pool(1) as pool:
+        assert pool.apply(verify_batch, (SYMBOLIC,), {}) == expected
+        assert pool.apply(verify_batch, (SYMBOLIC,), {"workers": 2}) == expected
+
+
+def test_same_verdicts_in_a_daemon_process():
+    expected = verify_batch(SYMBOLIC)
+    queue = mp.Queue()
+    child = mp.Process(target=_verify_into, args=(queue, SYMBOLIC), daemon=True)
+    child.start()
+    got = queue.get(timeout=120)
+    child.join(timeout=60)
+    assert got == expected + expected
+
+
+def test_pool_is_reused_and_replaces_a_dead_worker():
+    items = [c[1:4] for c in CASES]
+    first = verify_batch(items, workers=2)
+    pids = [c.pid for c in verifier._pool]
+    assert len(pids) == 2 and verify_batch(items, workers=2) == first
+    assert [c.pid for c in verifier._pool] == pids  # the same processes: no pool start per call
+    os.kill(pids[0], 9)
+    os.waitpid(pids[0], 0)
+    assert verify_batch(items, workers=2) == first
+    now = [c.pid for c in verifier._pool]
+    assert len(now) == 2 and pids[1] in now and pids[0] not in now
+
+
+def test_pool_timeout_holds_in_its_workers(monkeypatch):
+    verifier._shutdown()
+    monkeypatch.setattr(verifier, "_sympy_compare", _hang)  # inherited by the pool's workers when they fork
+    t = time.perf_counter()
+    got = verify_batch([("\\boxed{x^2+2x+1}", "(x+1)^2")] * 4, workers=2, timeout_s=0.2)
+    dt = time.perf_counter() - t
+    monkeypatch.undo()
+    verifier._shutdown()
+    assert [v.reason for v in got] == ["timeout"] * 4 and dt < 2 * 0.2 + 2.0
+
+
+def test_pool_from_threads():
+    items = [c[1:4] for c in CASES[::3]]
+    expected = verify_batch(items)
+    got = [None] * 3
+
+    def run(k):
+        got[k] = verify_batch(items, workers=2)
+
+    threads = [threading.Thread(target=run, args=(k,)) for k in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert got == [expected] * 3
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="reads process states from /proc")
+def test_worker_processes_end_with_the_parent():
+    code = ("from harmo_min import verifier; verifier.verify_batch([('\\\\boxed{2^3}', '8')] * 8, workers=2); "
+            "print(*[c.pid for c in verifier._pool], verifier._sympy and verifier._sympy.pid)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    pids = [int(p) for p in out.stdout.split() if p != "None"]
+    assert len(pids) == 3  # two pool workers and the sympy worker of the parent, which verifies a share itself
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and any(_running(p) for p in pids):
+        time.sleep(0.05)
+    assert not any(_running(p) for p in pids)
+
+
+def _running(pid: int) -> bool:
+    """Whether pid is a live process (a zombie left for a non-reaping init counts as ended)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
 
 
 def test_verify_batch_accepts_pairs_and_empty():
