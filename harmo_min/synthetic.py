@@ -33,7 +33,7 @@ words) instead of briefly ("a red circle"). The share of each is a warm-up setti
 "correctness" (verifiable kinds): the right answer beats a wrong one whose notes misread the image and reason
 consistently from there (only the image tells them apart);
 "format": the right answer in tags beats the same answer without them; "faithfulness" (`describe`): the
-description beats one whose object has a colour absent from the image, and half the time another shape;
+description beats one naming a shape that was not drawn (another colour, another shape, or both);
 "helpfulness" (`describe`): the description beats one that leaves out the colour or the shape, or answers another
 task ("a square", "3").
 
@@ -275,14 +275,18 @@ def _misread(example: Example, rng: random.Random) -> tuple[str, str]:
 
 
 def _misdescribe(reference: str, rng: random.Random) -> str:
-    # Every drawn "a <colour> <shape>" gets a colour drawn nowhere in the image, and half the time another shape:
-    # the description names only absent things. Changing one object of three is a subtler hallucination that the
-    # tiny model learns only on some seeds in a minute (faithfulness 0.66-0.95 at 600 steps): not a reliable demo.
-    mentions = re.findall(r"a (\w+) (\w+)", reference)
-    absent = [c for c in COLOURS if c not in {c for c, _ in mentions}]
-    wrong = [(rng.choice(absent), rng.choice([t for t in SHAPES if t != s]) if rng.random() < 0.5 else s)
-             for _, s in mentions]
-    return "The image shows " + " and ".join(f"a {c} {s}" for c, s in wrong) + " on white."
+    # Every drawn object becomes one that was not drawn: another colour, another shape, or both, a third of the
+    # time each. With the colour always changed, the tiny reward model learned to check colours only, and GRPO
+    # then described a red circle as "a red square" for a reward of 0.96.
+    wrong = []
+    for colour, shape in described_objects(reference):
+        change = rng.choice(("colour", "shape", "both"))
+        if change != "shape":
+            colour = rng.choice([c for c in COLOURS if c != colour])
+        if change != "colour":
+            shape = rng.choice([t for t in SHAPES if t != shape])
+        wrong.append(f"a {colour} {shape}")
+    return "The image shows " + " and ".join(wrong) + " on white."
 
 
 def _unhelpful(example: Example, rng: random.Random) -> str:
@@ -302,7 +306,7 @@ def synthetic_pairs(n: int, *, seed: int = 0, kinds: Sequence[str] = ("colour", 
     is trained on text that looks like the policy's. Verifiable kinds: the right answer beats a wrong one that comes
     from notes misreading the image ("correctness") or, half of the time
     when the format has tags, the same answer without them ("format"). "describe": the description (brief or
-    verbose, at random) beats one naming a colour absent from the image ("faithfulness") or, half of the time, one
+    verbose, at random) beats one naming an object that was not drawn ("faithfulness") or, half of the time, one
     that leaves out the colour or the shape or answers another task ("helpfulness"). Both sides of a pair share
     the format and the notes or description style.
     """
