@@ -25,6 +25,8 @@ train_reward_model.py with `seed=S`) and shared by every arm. Each arm then trai
     describe      held-out share of open "describe" items whose answer names exactly the drawn shape (colour and
                   shape), checked by a rule the training run never sees: what the reward-model route buys
     guesses       held-out share of responses whose <think></think> is empty (an answer without reasoning)
+    notes probe   the warm-start policy's greedy accuracy when its answer follows the item's reference notes, and
+                  when it follows empty notes: whether the reasoning tokens carry the answer
     len correct / len wrong   mean length in tokens of the correct / wrong training responses (train.py's
                   length/correct, length/wrong), over the last quarter of training
 
@@ -126,6 +128,8 @@ def main(argv: list[str] | None = None) -> dict:
                "arms": {}, "warm_start": {}}
     for seed, job in base_jobs.items():
         results["warm_start"][str(seed)] = summary(job.result(), None)
+        results.setdefault("notes_probe", {})[str(seed)] = notes_probe(out / f"seed{seed}" / "warmup" / "final",
+                                                                       args.items)
     for (seed, arm), job in arm_jobs.items():
         done = job.result()
         figures = summary(done["eval"], base_jobs[seed].result())
@@ -241,6 +245,37 @@ def mean_std(values: list[float], pct: bool = True, signed: bool = False) -> str
     return f"{mean:+.1f} ± {std:.1f}" if signed else f"{mean:.1f} ± {std:.1f}"
 
 
+def notes_probe(model_dir: Path, items: int) -> dict:
+    """Do the notes help? Greedy answers of the warm-start policy to held-out items with the assistant turn begun
+    as `<think>{reference notes}</think><answer>` versus `<think></think><answer>`: accuracy per kind of each."""
+    import torch
+
+    from harmo_min.data import build_messages, load_images
+    from harmo_min.model import load_policy
+    from harmo_min.rollout import sample
+    from harmo_min.synthetic import notes, synthetic_examples
+    from harmo_min.verifier import verify
+    from evaluate_data import SYNTHETIC_SEED
+
+    torch.set_num_threads(1)
+    model, processor = load_policy(model_dir, dtype=torch.float32)
+    processor.tokenizer.padding_side = "left"
+    out = {}
+    for kind in KINDS:
+        examples = synthetic_examples(items, seed=SYNTHETIC_SEED, kinds=(kind,))  # evaluate.py's held-out draw
+        for mode in ("notes", "no notes"):
+            texts = [processor.apply_chat_template(build_messages(ex, "think_answer"), add_generation_prompt=True,
+                                                   tokenize=False)
+                     + f"<think>{notes(ex) if mode == 'notes' else ''}</think><answer>" for ex in examples]
+            batch = processor(text=texts, images=[im for ex in examples for im in load_images(ex)], padding=True,
+                              return_tensors="pt")
+            answers = sample(model, batch, n=1, max_new_tokens=4, temperature=0, tokenizer=processor.tokenizer).texts
+            right = [verify(f"<answer>{a.split('</answer>')[0]}</answer>", ex.answer, choices=ex.choices).correct
+                     for a, ex in zip(answers, examples)]
+            out[f"{kind}/{mode}"] = sum(right) / len(right)
+    return out
+
+
 def markdown(results: dict) -> str:
     seeds = results["seeds"]
     base = [results["warm_start"][str(s)] for s in seeds]
@@ -263,6 +298,12 @@ def markdown(results: dict) -> str:
                                                    mean_std([x["guesses"] for x in f]),
                                                    mean_std([x["len_correct"] for x in f], pct=False),
                                                    mean_std([x["len_wrong"] for x in f], pct=False)]) + " |")
+    probe = [results["notes_probe"][str(s)] for s in seeds]
+    lines += ["", "| warm start, greedy, answer after | " + " | ".join(f"{k} %" for k in KINDS) + " |",
+              "|---|" + "---:|" * len(KINDS)]
+    for mode in ("notes", "no notes"):
+        label = "`<think>{reference notes}</think>`" if mode == "notes" else "`<think></think>`"
+        lines.append(f"| {label} | " + " | ".join(mean_std([p[f'{k}/{mode}'] for p in probe]) for k in KINDS) + " |")
     note = (f"\n\n{len(seeds)} seeds ({', '.join(map(str, seeds))}), {results['steps']} GRPO steps per arm, "
             f"{results['items_per_kind']} held-out items per task kind, {results['sampling']} evaluation; "
             f"mean ± std over seeds. `{results['command']}` took {results.get('wall_s', 0) / 60:.1f} min.")
@@ -284,7 +325,11 @@ def plot(results: dict, curves: dict, path: Path) -> Path:
     means = [statistics.mean(results["arms"][a][s]["accuracy"] * 100 for s in seeds) for a in arms]
     stds = [statistics.stdev(results["arms"][a][s]["accuracy"] * 100 for s in seeds) if len(seeds) > 1 else 0
             for a in arms]
-    ax.bar(range(len(arms)), means, yerr=stds, capsize=4, color="tab:blue", alpha=0.8)
+    # Points with error bars on a zoomed axis: bars from 0 would hide differences of a few points.
+    ax.errorbar(range(len(arms)), means, yerr=stds, fmt="o", capsize=4, color="tab:blue", label="after GRPO")
+    for i, arm in enumerate(arms):
+        ax.scatter([i] * len(seeds), [results["arms"][arm][s]["accuracy"] * 100 for s in seeds], s=8,
+                   color="tab:gray", alpha=0.6, label="one seed" if i == 0 else None)
     base = statistics.mean(results["warm_start"][s]["accuracy"] * 100 for s in seeds)
     ax.axhline(base, color="black", linestyle="--", linewidth=1, label=f"warm start ({base:.1f})")
     ax.set_xticks(range(len(arms)), arms, rotation=25, ha="right", fontsize=8)
