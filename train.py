@@ -158,7 +158,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     policy, processor = load_model_sharded(m["path"], world, seed=cfg["seed"], dtype=torch.float32,
                                            compute_dtype=compute_dtype, attn_implementation=m["attn_implementation"])
     if m["activation_checkpointing"]:
-        policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        policy.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     ref_model = None
     if g["kl_coef"] > 0:
         ref_model, _ = load_model_sharded(m["path"], world, seed=cfg["seed"], dtype=compute_dtype,

@@ -168,7 +168,7 @@ def parse_run_args(argv: list[str] | None, *, description: str, default_config: 
     for flag, text in (flags or {}).items():
         parser.add_argument(flag, action="store_true", help=text)
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. rollout.n=8 optim.lr=1e-6")
-    return parser.parse_args(argv)
+    return parser.parse_intermixed_args(argv)  # flags may follow the overrides
 
 
 def lr_schedule(cfg: dict):
