@@ -1,70 +1,33 @@
-r"""Examples; the validated loaders (the project's JSONL, downloaded parquet / arrow datasets, preference pairs);
-image checks; batching; prompt building; and `python -m harmo_min.data convert`.
-
-An `Example` is one prompt of a GRPO batch:
+r"""Training data: `Example`, the validated loaders (the project's JSONL, the hub's parquet / arrow tables,
+preference pairs), image checks, batching, prompt building, and `python -m harmo_min.data convert`.
 
     Example(id="count-3", problem="How many circles are in the image?", images=[<PIL.Image>], answer="3")
 
-* `task` is "verifiable" (has a gold `answer`; the rule verifier scores it) or "open" (no gold; the reward model
-  scores it). It is inferred from `answer` when absent.
-* `constraints` are instruction-adherence checks (`{"kind": "max_words", "value": 30}`, see rewards.py).
-* `messages` (chat turns ending with a user turn) may replace `problem`; images are then the `{"type": "image"}`
-  parts, in order.
-* `images` hold file paths, PIL images, or `EncodedImage`s (the compressed bytes of an image embedded in a parquet
-  or arrow file). `load_images` decodes them when a batch is encoded, on the rank that encodes it: a dataset never
-  sits in memory decoded.
+An Example's `task` is "verifiable" (a gold `answer`, scored by the rule verifier) or "open" (scored by the reward
+model), inferred from `answer`. `messages` (chat turns ending with a user turn; images are its `{"type": "image"}`
+parts, in order) may replace `problem`; `constraints` are instruction checks (rewards.py). `images` hold paths, PIL
+images or `EncodedImage`s (a table's compressed bytes), decoded per batch by `load_images`, never kept decoded.
 
-Training data, `load_examples(source)`:
-* The project's JSONL (`*.jsonl`): one record per line with the field names above; `images` are paths relative to
-  the file (or to `image_root`). A bad record raises `DataError("file.jsonl:12: field 'answer': ...")`.
-* A table as the hub and `datasets` ship one: a `.parquet` file; a folder of parquet shards
-  (`data/train-00000-of-00002.parquet`; a folder holding several splits must be narrowed to one, as a glob:
-  `geo3k/data/train-*.parquet`); a glob; an `.arrow` file; or a folder written by `datasets.save_to_disk` (its
-  `state.json` lists the shards). An image cell may be encoded bytes, a `{bytes, path}` struct (the `datasets.Image`
-  feature; bytes win) or a path (relative to the file's folder, or to `image_root`); a cell may hold one image or a
-  list. Errors name `file:row N: field 'column'`. Columns map to fields by `fields` (config `data.fields`):
+Rules (the README's Data section is the user manual):
+* The project's JSONL uses the Example field names, keeps its answers exactly as written, and reads image paths
+  relative to the file (or `image_root`).
+* A table is a .parquet or .arrow file, a glob, a folder of one split's shards, or a `save_to_disk` folder. Each
+  field is read from the column `fields` names (config `data.fields`; a dotted name reads inside a struct), else
+  from the first present of `DEFAULT_FIELDS`; no id column: the row number. `<image>` placeholders are removed from
+  the problem (the chat template puts the images first). An image cell is encoded bytes, a `{bytes, path}` struct
+  (bytes win) or a path (relative to the file's folder, or `image_root`); one image or a list.
+* A table's gold is what `verifier.extract_answer` reads from the answer cell (the last <answer>, else the last
+  \boxed{}, else "the answer is ...", else a short one-line answer; `$...$` unwrapped), else a one-line answer as
+  written; a multi-line solution, or a \boxed{} / <answer> it cannot read, is an error. Numbers go through `str`.
+* Every image is opened at load, and fully decoded on this rank's share (record i with i % world_size == rank): a
+  truncated JPEG passes PIL's `verify()` and fails only on a decode. One over `max_image_pixels` is downscaled
+  once, aspect kept (a JPEG stays JPEG, else PNG), alike on every rank; one over PIL's bomb limit is an error.
+* A bad record, row, file or image is a `DataError` naming the file, line or row, and field.
 
-      field    default columns, the first present wins    notes
-      id       id, qid, pid, sample_index                 none present: the row number
-      problem  problem, question                          `<image>` placeholders are removed: the chat template
-                                                          puts the images before the text
-      answer   answer, solution                           reduced to the gold by the rule below; null: no gold,
-                                                          every item is open (scored by the reward model)
-      images   images, decoded_image, image               null: text-only prompts
-
-  Naming a column overrides the default (`{"answer": "solution"}`); a dotted name reads inside a struct column
-  (`reward_model.ground_truth`). This fits geometry3k as EasyR1 uses it (images, problem, answer), MMK12 (id,
-  question, image, answer), ViRL39K (qid, question, image paths, answer `\boxed{...}`), ThinkLite-VL, MathVista's
-  testmini parquet (pid, question, decoded_image, answer) and MathVerse (sample_index, question, image, answer).
-
-Gold answers from tables: a string answer becomes what `verifier.extract_answer` (the verifier's own extraction)
-reads from it: the last <answer>...</answer>, else the last \boxed{}, else the last "the answer is ..." phrase,
-else a short one-line answer itself, `$...$` unwrapped (`\boxed{12}` -> `12`, a worked solution ending "so the answer
-is $\boxed{12}$." -> `12`). A one-line answer it reads nothing from (a long name or phrase) is the gold as written;
-a multi-line solution, or one with a \boxed{} or <answer> that cannot be read, is an error naming the row. Numbers
-are written with `str`. (The project's JSONL keeps its answers exactly as written.)
-
-Images are checked at load, before training starts: every image is opened, and fully decoded (a truncated JPEG or
-a PNG with a broken stream passes PIL's `verify()` and fails only on a decode), so a bad one is a `DataError`
-naming file, line or row, and field, not an `OSError` at step 8. An image larger than `max_image_pixels`
-[2048 x 2048 = 4,194,304, the cap EasyR1 and verl apply] is downscaled once at load (aspect kept; re-encoded as JPEG
-if it was one, else PNG) and a log line says how many and which; one beyond PIL's decompression-bomb limit (about
-179 M pixels) is an error. With `rank` / `world_size`, a rank fully decodes only its share of the images (record
-i with i % world_size == rank) and opens the rest for their size alone, so every rank downscales the same images;
-a rank that finds a bad image raises, and torchrun stops the others.
-
-Preference pairs (the reward-model stage's data) are JSONL records `{"id", "prompt" | "messages", "images",
-"chosen", "rejected", "aspect"?, "chosen_ratings"?, "rejected_ratings"?}`, validated the same way. The built-in
-synthetic tasks and pairs live in synthetic.py.
-
-Prompts are built with the processor's chat template and encoded **once** into left-padded tensors that both the
-sampler and the training forward reuse.
-
-    python -m harmo_min.data convert IN OUT.jsonl [--field problem=question] [--image-root DIR]
-
-writes any of the layouts above as the project's JSONL; embedded images become files in `OUT_images/`.
-
-Reading parquet / arrow needs pyarrow, an optional extra (`pip install -e ".[data]"`).
+Public API: `load_examples` (-> `load_jsonl` | `load_table`), `load_preference_jsonl`, `load_images`,
+`iterate_batches`, `build_messages`, `encode_prompts`, `convert` (`python -m harmo_min.data convert IN OUT.jsonl`).
+The built-in synthetic tasks and pairs live in synthetic.py.
+Tables need pyarrow, an optional extra (`pip install -e ".[data]"`).
 Left out: video, multi-turn rollouts, streaming (a table's compressed images are held in memory, about the size
 of its files, on every rank), verl's parquet layout (a `prompt` column of chat turns), EXIF orientation.
 """
@@ -156,9 +119,7 @@ class Example:
             raise DataError(f"example {self.id!r}: field 'answer': a verifiable example needs a gold answer")
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Loading training data in any layout
-# ---------------------------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------------------- any layout
 
 def load_examples(source: str | os.PathLike, *, fields: dict[str, str | None] | None = None,
                   image_root: str | os.PathLike | None = None, check_images: bool = True,
@@ -180,9 +141,7 @@ def load_examples(source: str | os.PathLike, *, fields: dict[str, str | None] | 
     return load_table(source, fields=fields, **kwargs)
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# The project's JSONL
-# ---------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------- the project's JSONL
 
 _FIELD_TYPES: dict[str, tuple[type, ...]] = {
     "id": (str, int), "problem": (str,), "messages": (list,), "images": (list,), "answer": (str, int, float),
@@ -314,9 +273,7 @@ def check_messages(messages: list, where: str) -> int:
     return n_images
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Tables: parquet, arrow, save_to_disk folders
-# ---------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------ tables: parquet, arrow, save_to_disk folders
 
 # The hub's shard names: train-00000-of-00002.parquet (MathVista adds a hash: testmini-00000-of-00001-a1b2.parquet).
 SHARD_NAME = re.compile(r"^(?P<split>.+?)-(?P<index>\d{5})-of-(?P<count>\d{5})(?:-[0-9a-f]+)?\.(?:parquet|arrow)$")
@@ -563,9 +520,7 @@ def gold_answer(value: Any, where: str) -> str:
     return text
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Images: references, checks at load, decoding per batch
-# ---------------------------------------------------------------------------------------------------------------
+# -------------------------------------------------------------- images: references, checks at load, decoding per batch
 
 def image_value(value: Any, where: str, root: Path) -> str | EncodedImage:
     """One image as a file stores it: a path (relative to `root`), encoded bytes, or a {bytes, path} struct."""
@@ -689,9 +644,7 @@ def iterate_batches(examples: list[Example], batch_size: int, *, seed: int, star
         position += 1
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Preference pairs (the reward-model stage's data)
-# ---------------------------------------------------------------------------------------------------------------
+# -------------------------------------------------------------------- preference pairs (the reward-model stage's data)
 
 @dataclass
 class PreferencePair:
@@ -768,9 +721,7 @@ def _parse_pair(record: dict, where: str, root: Path, aspects: Sequence[str] | N
     )
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Prompt building
-# ---------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------- prompts
 
 def build_messages(example: Example, answer_format: str = "think_answer") -> list[dict[str, Any]]:
     """Chat turns for `example`, the answer-format instruction appended to the last user turn."""
@@ -799,9 +750,7 @@ def encode_prompts(processor, examples: list[Example], answer_format: str = "thi
     return processor(text=texts, images=images or None, padding=True, return_tensors="pt")
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# python -m harmo_min.data convert IN OUT.jsonl
-# ---------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------ python -m harmo_min.data convert
 
 _EXTENSIONS = {"JPEG": ".jpg", "PNG": ".png", "GIF": ".gif", "WEBP": ".webp", "BMP": ".bmp", "TIFF": ".tif"}
 
