@@ -47,7 +47,7 @@ import sys
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Literal, Sequence
+from typing import Any, Iterable, Iterator, Literal, Sequence
 
 from PIL import Image
 
@@ -155,15 +155,8 @@ def load_jsonl(path: str | os.PathLike, *, check_images: bool = True, max_image_
     path = Path(path)
     root = Path(image_root).expanduser() if image_root is not None else path.parent
     check = ImageCheck(max_image_pixels, decode=check_images)
-    examples, seen = [], {}
-    for index, (where, record) in enumerate(read_jsonl(path)):
-        example = parse_record(record, where, root, check, validate_constraint, full=index % world_size == rank)
-        if example.id in seen:
-            raise DataError(f"{where}: field 'id': duplicate id {example.id!r} (first at {seen[example.id]})")
-        seen[example.id] = where
-        examples.append(example)
-    if not examples:
-        raise DataError(f"{path}: no records")
+    examples = _unique_ids(((where, parse_record(record, where, root, check, full=index % world_size == rank))
+                            for index, (where, record) in enumerate(read_jsonl(path))), "id", path)
     check.report(rank)
     return examples
 
@@ -201,18 +194,9 @@ def read_jsonl(path: str | os.PathLike) -> Iterator[tuple[str, dict]]:
         yield where, record
 
 
-def parse_record(record: dict, where: str, root: Path, check: ImageCheck, validate_constraint, *,
-                 full: bool = True) -> Example:
+def parse_record(record: dict, where: str, root: Path, check: ImageCheck, *, full: bool = True) -> Example:
     """One JSONL record -> Example, every field checked; images opened by `check` (decoded fully when `full`)."""
-    unknown = set(record) - set(_FIELD_TYPES)
-    if unknown:
-        raise DataError(f"{where}: unknown field(s) {sorted(unknown)}; expected some of {sorted(_FIELD_TYPES)}")
-    if "id" not in record:
-        raise DataError(f"{where}: field 'id': missing")
-    for key, value in record.items():
-        if value is not None and not isinstance(value, _FIELD_TYPES[key]) or isinstance(value, bool):
-            names = "/".join(t.__name__ for t in _FIELD_TYPES[key])
-            raise DataError(f"{where}: field '{key}': expected {names}, got {type(value).__name__}")
+    _check_types(record, where, _FIELD_TYPES, required=("id",), nullable=True)
     if ("problem" in record) == ("messages" in record):
         raise DataError(f"{where}: field 'problem': give exactly one of 'problem' or 'messages'")
     if record.get("task") not in (None, "verifiable", "open"):
@@ -273,6 +257,34 @@ def check_messages(messages: list, where: str) -> int:
     return n_images
 
 
+def _check_types(record: dict, where: str, types: dict[str, tuple[type, ...]], *, required: Sequence[str],
+                 nullable: bool) -> None:
+    """Unknown, missing and wrongly typed fields of one JSONL record (a bool is not an int here)."""
+    unknown = set(record) - set(types)
+    if unknown:
+        raise DataError(f"{where}: unknown field(s) {sorted(unknown)}; expected some of {sorted(types)}")
+    for key in required:
+        if key not in record:
+            raise DataError(f"{where}: field '{key}': missing")
+    for key, value in record.items():
+        if not (nullable and value is None) and not isinstance(value, types[key]) or isinstance(value, bool):
+            names = "/".join(t.__name__ for t in types[key])
+            raise DataError(f"{where}: field '{key}': expected {names}, got {type(value).__name__}")
+
+
+def _unique_ids(items: Iterable[tuple[str, Example | PreferencePair]], id_field: str | None, source) -> list:
+    """The items of (where, item) in order; an id seen before, or no items at all, is a DataError."""
+    kept, seen = [], {}
+    for where, item in items:
+        if item.id in seen:
+            raise DataError(f"{where}: field '{id_field}': duplicate id {item.id!r} (first at {seen[item.id]})")
+        seen[item.id] = where
+        kept.append(item)
+    if not kept:
+        raise DataError(f"{source}: no records")
+    return kept
+
+
 # ------------------------------------------------------------------------ tables: parquet, arrow, save_to_disk folders
 
 # The hub's shard names: train-00000-of-00002.parquet (MathVista adds a hash: testmini-00000-of-00001-a1b2.parquet).
@@ -288,17 +300,13 @@ def load_table(source: str | os.PathLike, *, fields: dict[str, str | None] | Non
     mapping = resolve_fields(fields, table_columns(files[0]), str(files[0]))
     columns = sorted({column.split(".")[0] for column in mapping.values() if column is not None})
     check = ImageCheck(max_image_pixels, decode=check_images)
-    examples, seen = [], {}
-    for index, (where, file, row) in enumerate(read_table(files, columns, limit=limit)):
-        root = Path(image_root).expanduser() if image_root is not None else file.parent
-        example = _table_example(row, where, root, mapping, index, check, full=index % world_size == rank)
-        if example.id in seen:
-            raise DataError(f"{where}: field '{mapping['id']}': duplicate id {example.id!r} "
-                            f"(first at {seen[example.id]})")
-        seen[example.id] = where
-        examples.append(example)
-    if not examples:
-        raise DataError(f"{source}: no rows")
+
+    def rows() -> Iterator[tuple[str, Example]]:
+        for index, (where, file, row) in enumerate(read_table(files, columns, limit=limit)):
+            root = Path(image_root).expanduser() if image_root is not None else file.parent
+            yield where, _table_example(row, where, root, mapping, index, check, full=index % world_size == rank)
+
+    examples = _unique_ids(rows(), mapping["id"], source)
     check.report(rank)
     return examples
 
@@ -668,36 +676,17 @@ def load_preference_jsonl(path: str | os.PathLike, *, aspects: Sequence[str] | N
     """Read and validate preference pairs; raise `DataError("file:line: field 'x': ...")` on the first bad record."""
     path = Path(path)
     check = ImageCheck(max_image_pixels, decode=check_images)
-    pairs, seen = [], set()
-    for where, record in read_jsonl(path):
-        pair = _parse_pair(record, where, path.parent, aspects, check)
-        if pair.id in seen:
-            raise DataError(f"{where}: field 'id': duplicate id {pair.id!r}")
-        seen.add(pair.id)
-        pairs.append(pair)
-    if not pairs:
-        raise DataError(f"{path}: no records")
+    pairs = _unique_ids(((where, _parse_pair(record, where, path.parent, aspects, check))
+                         for where, record in read_jsonl(path)), "id", path)
     check.report()
     return pairs
 
 
 def _parse_pair(record: dict, where: str, root: Path, aspects: Sequence[str] | None,
                 check: ImageCheck) -> PreferencePair:
-    unknown = set(record) - set(_PAIR_FIELDS)
-    if unknown:
-        raise DataError(f"{where}: unknown field(s) {sorted(unknown)}; expected some of {sorted(_PAIR_FIELDS)}")
-    for key in ("id", "chosen", "rejected"):
-        if key not in record:
-            raise DataError(f"{where}: field '{key}': missing")
-    for key, value in record.items():
-        if not isinstance(value, _PAIR_FIELDS[key]) or isinstance(value, bool):
-            names = "/".join(t.__name__ for t in _PAIR_FIELDS[key])
-            raise DataError(f"{where}: field '{key}': expected {names}, got {type(value).__name__}")
+    _check_types(record, where, _PAIR_FIELDS, required=("id", "chosen", "rejected"), nullable=False)
     if ("prompt" in record) == ("messages" in record):
         raise DataError(f"{where}: field 'prompt': give exactly one of 'prompt' or 'messages'")
-    messages = record.get("messages")
-    if messages is not None and (not messages or not isinstance(messages[-1], dict) or messages[-1].get("role") != "user"):
-        raise DataError(f"{where}: field 'messages': must end with a user turn (the responses answer it)")
     for key in ("chosen", "rejected"):
         if any(t in record[key] for t in ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>")):
             raise DataError(f"{where}: field '{key}': contains a vision placeholder token; images go in 'images'")
@@ -712,8 +701,8 @@ def _parse_pair(record: dict, where: str, root: Path, aspects: Sequence[str] | N
             if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
                 raise DataError(f"{where}: field '{key}.{name}': expected a finite number, got {value!r}")
     prompt = {"id": record["id"], "images": record.get("images", [])}
-    prompt.update({"problem": record["prompt"]} if "prompt" in record else {"messages": messages})
-    example = parse_record(prompt, where, root, check, lambda constraint: None)
+    prompt.update({"problem": record["prompt"]} if "prompt" in record else {"messages": record["messages"]})
+    example = parse_record(prompt, where, root, check)  # checks the messages too, as training's prompts
     return PreferencePair(
         id=example.id, example=example, chosen=record["chosen"], rejected=record["rejected"],
         aspect=record.get("aspect"), chosen_ratings={k: float(v) for k, v in record.get("chosen_ratings", {}).items()},
