@@ -37,6 +37,7 @@ from __future__ import annotations
 import argparse
 import glob
 import io
+import itertools
 import json
 import logging
 import math
@@ -70,15 +71,12 @@ assert tuple(FORMAT_INSTRUCTIONS) == ANSWER_FORMATS  # one list of answer format
 # #11; benchmarks/bench_data.py measures it).
 MAX_IMAGE_PIXELS = 2048 * 2048
 
-# Table columns each field is read from by default, first present wins (see the module docstring).
+# Table columns each field is read from by default, first present wins.
 DEFAULT_FIELDS: dict[str, tuple[str, ...]] = {
-    "id": ("id", "qid", "pid", "sample_index"),
-    "problem": ("problem", "question"),
-    "answer": ("answer", "solution"),
-    "images": ("images", "decoded_image", "image"),
+    "id": ("id", "qid", "pid", "sample_index"), "problem": ("problem", "question"),
+    "answer": ("answer", "solution"), "images": ("images", "decoded_image", "image"),
 }
 TABLE_SUFFIXES = (".parquet", ".arrow")
-ROLES = ("system", "user", "assistant")
 
 
 class DataError(ValueError):
@@ -119,16 +117,11 @@ class Example:
             raise DataError(f"example {self.id!r}: field 'answer': a verifiable example needs a gold answer")
 
 
-# ---------------------------------------------------------------------------------------------------------- any layout
-
 def load_examples(source: str | os.PathLike, *, fields: dict[str, str | None] | None = None,
                   image_root: str | os.PathLike | None = None, check_images: bool = True,
                   max_image_pixels: int | None = MAX_IMAGE_PIXELS, rank: int = 0, world_size: int = 1) -> list[Example]:
-    """Every example of a JSONL file or a table (parquet / arrow / save_to_disk), validated; see the module docstring.
-
-    `fields` maps Example fields to table columns (config `data.fields`); `check_images=False` trusts the images
-    (no decode, no size cap); `rank` / `world_size` split the full image decode between ranks.
-    """
+    """Every example of the project's JSONL or a table, validated. `fields`: config `data.fields`;
+    `check_images=False` trusts the images (no decode, no cap); rank i of `world_size` fully decodes its share."""
     if not 0 <= rank < world_size:
         raise ValueError(f"load_examples: need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
     kwargs = dict(image_root=image_root, check_images=check_images, max_image_pixels=max_image_pixels, rank=rank,
@@ -214,10 +207,10 @@ def parse_record(record: dict, where: str, root: Path, check: ImageCheck, *, ful
             raise DataError(f"{where}: field 'constraints[{i}]': {err}") from None
     images = []
     for i, item in enumerate(record.get("images") or []):
+        at = f"{where}: field 'images[{i}]'"
         if not isinstance(item, str) or not item:
-            raise DataError(f"{where}: field 'images[{i}]': expected a path string, got {item!r:.60}")
-        images.append(check(image_value(item, f"{where}: field 'images[{i}]'", root), f"{where}: field 'images[{i}]'",
-                            full=full))
+            raise DataError(f"{at}: expected a path string, got {item!r:.60}")
+        images.append(check(image_value(item, at, root), at, full=full))
     if record.get("messages") is not None and n_placeholders != len(images):
         raise DataError(f"{where}: field 'images': {len(images)} image(s) but {n_placeholders} image part(s) in "
                         f"messages")
@@ -236,7 +229,7 @@ def check_messages(messages: list, where: str) -> int:
     n_images = 0
     for i, message in enumerate(messages):
         at = f"{where}: field 'messages[{i}]"
-        if not isinstance(message, dict) or message.get("role") not in ROLES:
+        if not isinstance(message, dict) or message.get("role") not in ("system", "user", "assistant"):
             raise DataError(f"{at}': expected {{'role': system|user|assistant, 'content': ...}}")
         if "content" not in message:
             raise DataError(f"{at}.content': missing")
@@ -295,14 +288,14 @@ def load_table(source: str | os.PathLike, *, fields: dict[str, str | None] | Non
                image_root: str | os.PathLike | None = None, check_images: bool = True,
                max_image_pixels: int | None = MAX_IMAGE_PIXELS, rank: int = 0, world_size: int = 1,
                limit: int | None = None) -> list[Example]:
-    """Every row of a parquet / arrow table as an Example (the first `limit` rows if given); see the module doc."""
+    """Every row of a parquet / arrow table as an Example (the first `limit` rows if given)."""
     files = table_files(source)
     mapping = resolve_fields(fields, table_columns(files[0]), str(files[0]))
     columns = sorted({column.split(".")[0] for column in mapping.values() if column is not None})
     check = ImageCheck(max_image_pixels, decode=check_images)
 
     def rows() -> Iterator[tuple[str, Example]]:
-        for index, (where, file, row) in enumerate(read_table(files, columns, limit=limit)):
+        for index, (where, file, row) in enumerate(itertools.islice(read_table(files, columns), limit)):
             root = Path(image_root).expanduser() if image_root is not None else file.parent
             yield where, _table_example(row, where, root, mapping, index, check, full=index % world_size == rank)
 
@@ -314,31 +307,30 @@ def load_table(source: str | os.PathLike, *, fields: dict[str, str | None] | Non
 def table_files(source: str | os.PathLike) -> list[Path]:
     """The data files of a table: a .parquet/.arrow file, a glob, a folder of shards, or a save_to_disk folder."""
     text = os.path.expanduser(str(source))
+    path = Path(text)
     if any(c in text for c in "*?["):
         files = sorted(Path(p) for p in glob.glob(text, recursive=True) if Path(p).suffix in TABLE_SUFFIXES)
         if not files:
             raise DataError(f"{source}: no .parquet or .arrow files match")
+    elif path.is_file():
+        if path.suffix not in TABLE_SUFFIXES:
+            raise DataError(f"{path}: not a table file (expected .parquet or .arrow; the project's own format is "
+                            f".jsonl)")
+        return [path]
+    elif not path.is_dir():
+        raise DataError(f"{path}: no such file or folder")
+    elif (path / "dataset_dict.json").is_file():
+        splits = _read_json(path / "dataset_dict.json").get("splits", [])
+        raise DataError(f"{path}: a DatasetDict saved with save_to_disk, splits {splits}: give one split's folder, "
+                        f"e.g. {path / (splits[0] if splits else 'train')}")
+    elif (path / "state.json").is_file():  # datasets.save_to_disk: state.json lists the arrow shards in order
+        files = [path / entry["filename"] for entry in _read_json(path / "state.json").get("_data_files", [])
+                 if isinstance(entry, dict) and isinstance(entry.get("filename"), str)]
+        missing = [f.name for f in files if not f.is_file()]
+        if not files or missing:
+            raise DataError(f"{path}/state.json: names no data files, or missing ones: {missing}")
+        return files
     else:
-        path = Path(text)
-        if path.is_file():
-            if path.suffix not in TABLE_SUFFIXES:
-                raise DataError(f"{path}: not a table file (expected .parquet or .arrow; the project's own format is "
-                                f".jsonl)")
-            return [path]
-        if not path.is_dir():
-            raise DataError(f"{path}: no such file or folder")
-        if (path / "dataset_dict.json").is_file():
-            splits = _read_json(path / "dataset_dict.json").get("splits", [])
-            raise DataError(f"{path}: a DatasetDict saved with save_to_disk, splits {splits}: give one split's folder, "
-                            f"e.g. {path / (splits[0] if splits else 'train')}")
-        if (path / "state.json").is_file():  # datasets.save_to_disk: state.json lists the arrow shards in order
-            state = _read_json(path / "state.json")
-            files = [path / entry["filename"] for entry in state.get("_data_files", [])
-                     if isinstance(entry, dict) and isinstance(entry.get("filename"), str)]
-            missing = [f.name for f in files if not f.is_file()]
-            if not files or missing:
-                raise DataError(f"{path}/state.json: names no data files, or missing ones: {missing}")
-            return files
         files = sorted(p for p in path.rglob("*") if p.suffix in TABLE_SUFFIXES and p.is_file())
         if not files:
             raise DataError(f"{path}: no .parquet or .arrow files in this folder")
@@ -346,67 +338,21 @@ def table_files(source: str | os.PathLike) -> list[Path]:
     return files
 
 
-def _read_json(path: Path) -> dict:
-    try:
-        value = json.loads(read_text(path))
-    except json.JSONDecodeError as err:
-        raise DataError(f"{path}: not valid JSON ({err.msg} at line {err.lineno}, column {err.colno})") from None
-    if not isinstance(value, dict):
-        raise DataError(f"{path}: expected a JSON object, got {type(value).__name__}")
-    return value
-
-
 def _check_shards(files: list[Path], source: str) -> None:
     """Files named like hub shards must be one split, complete; other names are taken as they are."""
-    matches = [(SHARD_NAME.match(f.name), f) for f in files]
-    if not all(m for m, _ in matches):
+    matches = [SHARD_NAME.match(f.name) for f in files]
+    if not all(matches):
         return
-    groups: dict[tuple[Path, str], list[tuple[int, int]]] = {}
-    for m, f in matches:
-        groups.setdefault((f.parent, m["split"]), []).append((int(m["index"]), int(m["count"])))
-    if len(groups) > 1:
-        names = sorted({split for _, split in groups})
-        parent, split = min(groups)
+    splits = sorted({(f.parent, m["split"]) for f, m in zip(files, matches)})
+    if len(splits) > 1:
+        (parent, split), names = splits[0], sorted({split for _, split in splits})
         raise DataError(f"{source}: holds several splits ({', '.join(names)}): give one, "
                         f"e.g. {parent}/{split}-*.parquet")
-    ((parent, split), shards), = groups.items()
-    count = shards[0][1]
-    missing = sorted(set(range(count)) - {i for i, _ in shards})
-    if missing or any(c != count for _, c in shards):
-        raise DataError(f"{source}: split '{split}' is incomplete: shard(s) {missing} of {count} are missing "
+    count = int(matches[0]["count"])
+    missing = sorted(set(range(count)) - {int(m["index"]) for m in matches})
+    if missing or any(int(m["count"]) != count for m in matches):
+        raise DataError(f"{source}: split '{splits[0][1]}' is incomplete: shard(s) {missing} of {count} are missing "
                         f"(an interrupted download?)")
-
-
-def _pyarrow(source: Path):
-    try:
-        import pyarrow
-        import pyarrow.parquet
-    except ImportError:
-        raise DataError(f"{source}: reading parquet/arrow files needs pyarrow, an optional extra: "
-                        f"pip install -e '.[data]' (or pip install pyarrow)") from None
-    return pyarrow, pyarrow.parquet
-
-
-def _open_table(path: Path, columns: list[str] | None):
-    """(column names, an iterator of record batches) for one parquet or arrow file."""
-    pa, pq = _pyarrow(path)
-    try:
-        if path.suffix == ".parquet":
-            parquet = pq.ParquetFile(path)
-            names = parquet.schema_arrow.names
-            return names, parquet.iter_batches(batch_size=64, columns=[c for c in columns or names if c in names])
-        with path.open("rb") as f:
-            is_file_format = f.read(6) == b"ARROW1"  # save_to_disk writes the stream format, Feather v2 the file one
-        source = pa.memory_map(str(path))
-        if is_file_format:
-            reader = pa.ipc.open_file(source)
-            batches = (reader.get_batch(i) for i in range(reader.num_record_batches))
-        else:
-            reader = pa.ipc.open_stream(source)
-            batches = iter(reader)
-        return reader.schema.names, batches
-    except (pa.ArrowException, OSError) as err:
-        raise DataError(f"{path}: not a readable {path.suffix[1:]} file ({err})") from None
 
 
 def table_columns(path: Path) -> list[str]:
@@ -414,11 +360,9 @@ def table_columns(path: Path) -> list[str]:
     return _open_table(path, None)[0]
 
 
-def read_table(files: list[Path], columns: list[str] | None = None, *,
-               limit: int | None = None) -> Iterator[tuple[str, Path, dict]]:
+def read_table(files: list[Path], columns: list[str] | None = None) -> Iterator[tuple[str, Path, dict]]:
     """("file:row N", file, row) for every row in order, as Python values: structs are dicts, binary is bytes."""
     pa, _ = _pyarrow(files[0])
-    count = 0
     for path in files:
         names, batches = _open_table(path, columns)
         missing = [c for c in columns or [] if c not in names]
@@ -426,15 +370,10 @@ def read_table(files: list[Path], columns: list[str] | None = None, *,
             raise DataError(f"{path}: no column(s) {missing}; its columns are {names}")
         i = 0
         try:
-            for batch in batches:
-                if columns is not None and path.suffix != ".parquet":
-                    batch = batch.select(columns)
+            for batch in batches:  # read lazily: the caller may stop after a few rows
                 for row in batch.to_pylist():
-                    if limit is not None and count >= limit:
-                        return
                     yield f"{path}:row {i}", path, row
                     i += 1
-                    count += 1
         except (pa.ArrowException, OSError) as err:
             raise DataError(f"{path}: unreadable after row {i} ({err})") from None
 
@@ -447,62 +386,21 @@ def resolve_fields(fields: dict[str, str | None] | None, columns: Sequence[str],
         raise DataError(f"data.fields: unknown field(s) {unknown}; expected some of {list(DEFAULT_FIELDS)}")
     resolved: dict[str, str | None] = {}
     for name, candidates in DEFAULT_FIELDS.items():
-        if name in fields:
-            column = fields[name]
-            if column is None and name == "problem":
-                raise DataError("data.fields.problem: cannot be null: every example needs a problem")
-            if column is not None and (not isinstance(column, str) or not column):
-                raise DataError(f"data.fields.{name}: expected a column name or null, got {column!r}")
-            if column is not None and column.split(".")[0] not in columns:
-                raise DataError(f"{source}: data.fields.{name}: no column {column.split('.')[0]!r}; "
-                                f"the columns are {list(columns)}")
-            resolved[name] = column
-            continue
-        found = next((c for c in candidates if c in columns), None)
-        if found is None and name != "id":  # a silent "no images" or "no gold" would train the wrong thing
+        column = fields[name] if name in fields else next((c for c in candidates if c in columns), None)
+        if name not in fields and column is None and name != "id":  # a silent "no gold" would train the wrong thing
             hint = {"problem": "", "answer": " (or null: no gold, every item open)",
                     "images": " (or null: text-only prompts)"}[name]
             raise DataError(f"{source}: no column for '{name}' (looked for {', '.join(candidates)}); the columns are "
                             f"{list(columns)}: set data.fields.{name}{hint}")
-        resolved[name] = found
+        if column is None and name == "problem":
+            raise DataError("data.fields.problem: cannot be null: every example needs a problem")
+        if column is not None and (not isinstance(column, str) or not column):
+            raise DataError(f"data.fields.{name}: expected a column name or null, got {column!r}")
+        if column is not None and column.split(".")[0] not in columns:
+            raise DataError(f"{source}: data.fields.{name}: no column {column.split('.')[0]!r}; "
+                            f"the columns are {list(columns)}")
+        resolved[name] = column
     return resolved
-
-
-def _cell(row: dict, column: str, where: str) -> Any:
-    value = row
-    for part in column.split("."):
-        if not isinstance(value, dict) or part not in value:
-            raise DataError(f"{where}: field '{column}': missing (no {part!r} in {type(value).__name__})")
-        value = value[part]
-    return value
-
-
-def _table_example(row: dict, where: str, root: Path, mapping: dict[str, str | None], index: int,
-                   check: ImageCheck, *, full: bool) -> Example:
-    if mapping["id"] is None:
-        ident = str(index)
-    else:
-        value = _cell(row, mapping["id"], where)
-        if isinstance(value, bool) or not isinstance(value, (str, int)) or value == "":
-            raise DataError(f"{where}: field '{mapping['id']}': expected a non-empty str or int id, got {value!r:.60}")
-        ident = str(value)
-    problem = _cell(row, mapping["problem"], where)
-    if not isinstance(problem, str):
-        raise DataError(f"{where}: field '{mapping['problem']}': expected str, got {type(problem).__name__}")
-    problem = problem.replace("<image>", "").strip()
-    if not problem:
-        raise DataError(f"{where}: field '{mapping['problem']}': empty once <image> placeholders are removed")
-    answer = None
-    if mapping["answer"] is not None:
-        answer = gold_answer(_cell(row, mapping["answer"], where), f"{where}: field '{mapping['answer']}'")
-    images = []
-    if mapping["images"] is not None:
-        cell = _cell(row, mapping["images"], where)
-        items = [] if cell is None else cell if isinstance(cell, list) else [cell]
-        for k, item in enumerate(items):
-            at = f"{where}: field '{mapping['images']}" + (f"[{k}]'" if isinstance(cell, list) else "'")
-            images.append(check(image_value(item, at, root), at, full=full))
-    return Example(id=ident, problem=problem, images=images, answer=answer)
 
 
 def gold_answer(value: Any, where: str) -> str:
@@ -526,6 +424,78 @@ def gold_answer(value: Any, where: str) -> str:
         raise DataError(f"{where}: no final answer in {text[:80]!r}: expected \\boxed{{...}}, <answer>...</answer>, "
                         f"'the answer is ...' or the answer alone")
     return text
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        value = json.loads(read_text(path))
+    except json.JSONDecodeError as err:
+        raise DataError(f"{path}: not valid JSON ({err.msg} at line {err.lineno}, column {err.colno})") from None
+    if not isinstance(value, dict):
+        raise DataError(f"{path}: expected a JSON object, got {type(value).__name__}")
+    return value
+
+
+def _pyarrow(source: Path):
+    try:
+        import pyarrow
+        import pyarrow.parquet
+    except ImportError:
+        raise DataError(f"{source}: reading parquet/arrow files needs pyarrow, an optional extra: "
+                        f"pip install -e '.[data]' (or pip install pyarrow)") from None
+    return pyarrow, pyarrow.parquet
+
+
+def _open_table(path: Path, columns: list[str] | None):
+    """(column names, an iterator of record batches of the `columns` it has) for one parquet or arrow file."""
+    pa, pq = _pyarrow(path)
+    try:
+        if path.suffix == ".parquet":
+            parquet = pq.ParquetFile(path)
+            names = parquet.schema_arrow.names
+            return names, parquet.iter_batches(batch_size=64, columns=[c for c in columns or names if c in names])
+        with path.open("rb") as f:
+            is_file_format = f.read(6) == b"ARROW1"  # save_to_disk writes the stream format, Feather v2 the file one
+        open_ipc = pa.ipc.open_file if is_file_format else pa.ipc.open_stream
+        table = open_ipc(pa.memory_map(str(path))).read_all()  # memory-mapped: no copy of the file
+        return table.column_names, iter(table.select([c for c in columns or table.column_names
+                                                     if c in table.column_names]).to_batches())
+    except (pa.ArrowException, OSError) as err:
+        raise DataError(f"{path}: not a readable {path.suffix[1:]} file ({err})") from None
+
+
+def _cell(row: dict, column: str, where: str) -> Any:
+    value = row
+    for part in column.split("."):
+        if not isinstance(value, dict) or part not in value:
+            raise DataError(f"{where}: field '{column}': missing (no {part!r} in {type(value).__name__})")
+        value = value[part]
+    return value
+
+
+def _table_example(row: dict, where: str, root: Path, mapping: dict[str, str | None], index: int,
+                   check: ImageCheck, *, full: bool) -> Example:
+    ident = str(index)
+    if mapping["id"] is not None:
+        ident = _cell(row, mapping["id"], where)
+        if isinstance(ident, bool) or not isinstance(ident, (str, int)) or ident == "":
+            raise DataError(f"{where}: field '{mapping['id']}': expected a non-empty str or int id, got {ident!r:.60}")
+    problem = _cell(row, mapping["problem"], where)
+    if not isinstance(problem, str):
+        raise DataError(f"{where}: field '{mapping['problem']}': expected str, got {type(problem).__name__}")
+    problem = problem.replace("<image>", "").strip()
+    if not problem:
+        raise DataError(f"{where}: field '{mapping['problem']}': empty once <image> placeholders are removed")
+    answer = None
+    if mapping["answer"] is not None:
+        answer = gold_answer(_cell(row, mapping["answer"], where), f"{where}: field '{mapping['answer']}'")
+    images = []
+    if mapping["images"] is not None:
+        cell = _cell(row, mapping["images"], where)
+        for k, item in enumerate([] if cell is None else cell if isinstance(cell, list) else [cell]):
+            at = f"{where}: field '{mapping['images']}" + (f"[{k}]'" if isinstance(cell, list) else "'")
+            images.append(check(image_value(item, at, root), at, full=full))
+    return Example(id=str(ident), problem=problem, images=images, answer=answer)
 
 
 # -------------------------------------------------------------- images: references, checks at load, decoding per batch
