@@ -518,13 +518,10 @@ def image_value(value: Any, where: str, root: Path) -> str | EncodedImage:
 
 @dataclass
 class ImageCheck:
-    """Checks images as a loader reads them, and remembers what it downscaled for one log line.
-
-    Each image is opened: a missing file, a non-image or a decompression bomb fails here. With `full` it is also
-    decoded to RGB, exactly as `load_images` will, the only way to catch a truncated JPEG or a broken PNG stream.
-    One over `max_pixels` is decoded, downscaled (aspect kept) and returned as an `EncodedImage`, so that cost is
-    paid once, not at every step. `decode=False` trusts the files: nothing is opened and nothing is capped.
-    """
+    """Opens each image as a loader reads it (a missing file, a non-image or a bomb fails here) and, with `full`,
+    decodes it to RGB as `load_images` will: the only way to catch a truncated JPEG or a broken PNG stream. One
+    over `max_pixels` becomes a downscaled `EncodedImage`, paid once, not at every step; `report` logs them.
+    `decode=False` trusts the files: nothing is opened and nothing is capped."""
     max_pixels: int | None = MAX_IMAGE_PIXELS
     decode: bool = True
     downscaled: list[str] = field(default_factory=list)
@@ -543,8 +540,7 @@ class ImageCheck:
                 # PIL warns above ~89 M pixels; the cap below decides what happens to large images.
                 warnings.simplefilter("ignore", Image.DecompressionBombWarning)
                 with Image.open(_source(image)) as im:
-                    width, height = im.size
-                    if self.max_pixels is not None and width * height > self.max_pixels:
+                    if self.max_pixels is not None and im.width * im.height > self.max_pixels:
                         return self._downscale(im, where)
                     if full:
                         im.convert("RGB")
@@ -557,8 +553,10 @@ class ImageCheck:
         return image
 
     def _downscale(self, im: Image.Image, where: str) -> EncodedImage:
+        """Shrink to the largest same-aspect size within the cap (in integers: 10000² -> 2048² exactly)."""
         width, height = im.size
-        target = fit_pixels(width, height, self.max_pixels)
+        new_width = max(1, math.isqrt(self.max_pixels * width // height))  # w'² <= M·w/h, h' <= w'·h/w: w'·h' <= M
+        target = (new_width, max(1, new_width * height // width))
         fmt = im.format
         if fmt == "JPEG":
             im.draft("RGB", target)  # decode at 1/2, 1/4 or 1/8 scale: a 100 M pixel JPEG in a fraction of the time
@@ -575,37 +573,29 @@ class ImageCheck:
     def report(self, rank: int = 0) -> None:
         """Log what was downscaled (rank 0 only: every rank downscales the same images)."""
         if self.downscaled and rank == 0:
-            shown = "; ".join(self.downscaled[:3]) + (f"; and {len(self.downscaled) - 3} more"
-                                                      if len(self.downscaled) > 3 else "")
+            more = f"; and {len(self.downscaled) - 3} more" if len(self.downscaled) > 3 else ""
             log.warning(f"data: {len(self.downscaled)} image(s) over {self.max_pixels} pixels downscaled once at load "
-                        f"(aspect kept): {shown}")
+                        f"(aspect kept): {'; '.join(self.downscaled[:3])}{more}")
 
 
-def fit_pixels(width: int, height: int, max_pixels: int) -> tuple[int, int]:
-    """The largest size with the same aspect and at most `max_pixels` pixels (integers: 10000² -> 2048² exactly)."""
-    new_width = max(1, math.isqrt(max_pixels * width // height))  # w'² <= M·w/h and h' <= w'·h/w: w'·h' <= M
-    return new_width, max(1, new_width * height // width)
+def load_images(example: Example) -> list[Image.Image]:
+    """The example's images as RGB PIL images, decoded here, per batch, never kept; an image that no longer
+    decodes is a DataError naming where it came from."""
+    images = []
+    for image in example.images:
+        if not isinstance(image, Image.Image):
+            try:
+                with Image.open(_source(image)) as im:
+                    image = im.convert("RGB")
+            except Exception as err:  # as in ImageCheck: PIL has many ways of saying "unreadable"
+                name = image if isinstance(image, str) else image.name
+                raise DataError(f"{name}: unreadable image ({type(err).__name__}: {err})") from err
+        images.append(image)
+    return images
 
 
 def _source(image: str | EncodedImage):
     return image if isinstance(image, str) else io.BytesIO(image.data)
-
-
-def decode_image(image: ImageLike) -> Image.Image:
-    """Pixels of one image, RGB; a file or bytes that no longer decode raise a DataError naming where they came from."""
-    if isinstance(image, Image.Image):
-        return image
-    try:
-        with Image.open(_source(image)) as im:
-            return im.convert("RGB")
-    except Exception as err:  # as in ImageCheck: PIL has many ways of saying "unreadable"
-        name = image if isinstance(image, str) else image.name
-        raise DataError(f"{name}: unreadable image ({type(err).__name__}: {err})") from err
-
-
-def load_images(example: Example) -> list[Image.Image]:
-    """The example's images as RGB PIL images: decoded here, per batch, never kept."""
-    return [decode_image(im) for im in example.images]
 
 
 def iterate_batches(examples: list[Example], batch_size: int, *, seed: int, start: int = 0) -> Iterator[list[Example]]:
@@ -613,13 +603,11 @@ def iterate_batches(examples: list[Example], batch_size: int, *, seed: int, star
     per_epoch = len(examples) // batch_size
     if per_epoch == 0:
         raise ValueError(f"data: {len(examples)} examples cannot fill one batch of {batch_size}")
-    position = start
-    while True:
+    for position in itertools.count(start):
         epoch, offset = divmod(position, per_epoch)
         order = list(range(len(examples)))
         random.Random(seed + epoch).shuffle(order)
         yield [examples[i] for i in order[offset * batch_size:(offset + 1) * batch_size]]
-        position += 1
 
 
 # -------------------------------------------------------------------- preference pairs (the reward-model stage's data)
