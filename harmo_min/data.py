@@ -631,7 +631,8 @@ _PAIR_FIELDS: dict[str, tuple[type, ...]] = {
 
 def load_preference_jsonl(path: str | os.PathLike, *, aspects: Sequence[str] | None = None, check_images: bool = True,
                           max_image_pixels: int | None = MAX_IMAGE_PIXELS) -> list[PreferencePair]:
-    """Read and validate preference pairs; raise `DataError("file:line: field 'x': ...")` on the first bad record."""
+    """Read and validate preference pairs (JSONL records of `_PAIR_FIELDS`; the prompt is checked as training's
+    prompts are); raise `DataError("file:line: field 'x': ...")` on the first bad record."""
     path = Path(path)
     check = ImageCheck(max_image_pixels, decode=check_images)
     pairs = _unique_ids(((where, _parse_pair(record, where, path.parent, aspects, check))
@@ -651,21 +652,21 @@ def _parse_pair(record: dict, where: str, root: Path, aspects: Sequence[str] | N
     if record["chosen"] == record["rejected"]:
         raise DataError(f"{where}: field 'rejected': identical to 'chosen', the pair carries no preference")
     if "aspect" in record and aspects is not None and record["aspect"] not in aspects:
-        raise DataError(f"{where}: field 'aspect': {record['aspect']!r} is not one of the model's aspects {list(aspects)}")
+        raise DataError(f"{where}: field 'aspect': {record['aspect']!r} is not one of the model's aspects "
+                        f"{list(aspects)}")
+    ratings = {}
     for key in ("chosen_ratings", "rejected_ratings"):
         for name, value in record.get(key, {}).items():
             if aspects is not None and name not in aspects:
                 raise DataError(f"{where}: field '{key}.{name}': not one of the model's aspects {list(aspects)}")
             if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
                 raise DataError(f"{where}: field '{key}.{name}': expected a finite number, got {value!r}")
+        ratings[key] = {name: float(value) for name, value in record.get(key, {}).items()}
     prompt = {"id": record["id"], "images": record.get("images", [])}
     prompt.update({"problem": record["prompt"]} if "prompt" in record else {"messages": record["messages"]})
     example = parse_record(prompt, where, root, check)  # checks the messages too, as training's prompts
-    return PreferencePair(
-        id=example.id, example=example, chosen=record["chosen"], rejected=record["rejected"],
-        aspect=record.get("aspect"), chosen_ratings={k: float(v) for k, v in record.get("chosen_ratings", {}).items()},
-        rejected_ratings={k: float(v) for k, v in record.get("rejected_ratings", {}).items()},
-    )
+    return PreferencePair(id=example.id, example=example, chosen=record["chosen"], rejected=record["rejected"],
+                          aspect=record.get("aspect"), **ratings)
 
 
 # ------------------------------------------------------------------------------------------------------------- prompts
@@ -675,23 +676,23 @@ def build_messages(example: Example, answer_format: str = "think_answer") -> lis
     if answer_format not in FORMAT_INSTRUCTIONS:
         raise ValueError(f"answer_format: unknown {answer_format!r}; expected one of {list(FORMAT_INSTRUCTIONS)}")
     instruction = FORMAT_INSTRUCTIONS[answer_format]
-    if example.messages is not None:
-        messages = [dict(m) for m in example.messages]
-        last = messages[-1]
-        if isinstance(last["content"], str):
-            last["content"] = f"{last['content']} {instruction}"
-        else:
-            last["content"] = list(last["content"]) + [{"type": "text", "text": f" {instruction}"}]
-        return messages
-    content = [{"type": "image"} for _ in example.images]
-    content.append({"type": "text", "text": f"{example.problem} {instruction}"})
-    return [{"role": "user", "content": content}]
+    if example.messages is None:
+        content = [{"type": "image"} for _ in example.images]
+        return [{"role": "user", "content": content + [{"type": "text", "text": f"{example.problem} {instruction}"}]}]
+    messages = [dict(m) for m in example.messages]
+    last = messages[-1]
+    if isinstance(last["content"], str):
+        last["content"] = f"{last['content']} {instruction}"
+    else:
+        last["content"] = list(last["content"]) + [{"type": "text", "text": f" {instruction}"}]
+    return messages
 
 
 def encode_prompts(processor, examples: list[Example], answer_format: str = "think_answer"):
-    """One left-padded batch: input_ids, attention_mask, mm_token_type_ids, and pixel_values/image_grid_thw if any."""
-    texts = [processor.apply_chat_template(build_messages(ex, answer_format), add_generation_prompt=True, tokenize=False)
-             for ex in examples]
+    """One left-padded batch, encoded once and reused by the sampler and the training forward: input_ids,
+    attention_mask, mm_token_type_ids, and pixel_values / image_grid_thw if any."""
+    texts = [processor.apply_chat_template(build_messages(ex, answer_format), add_generation_prompt=True,
+                                           tokenize=False) for ex in examples]
     images = [im for ex in examples for im in load_images(ex)]
     processor.tokenizer.padding_side = "left"  # the sampler appends new tokens on the right of every row
     return processor(text=texts, images=images or None, padding=True, return_tensors="pt")
@@ -699,17 +700,12 @@ def encode_prompts(processor, examples: list[Example], answer_format: str = "thi
 
 # ------------------------------------------------------------------------------------ python -m harmo_min.data convert
 
-_EXTENSIONS = {"JPEG": ".jpg", "PNG": ".png", "GIF": ".gif", "WEBP": ".webp", "BMP": ".bmp", "TIFF": ".tif"}
-
-
 def convert(source: str | os.PathLike, out: str | os.PathLike, *, fields: dict[str, str | None] | None = None,
             image_root: str | os.PathLike | None = None, check_images: bool = True,
             max_image_pixels: int | None = MAX_IMAGE_PIXELS) -> int:
     """Write `source` (any layout `load_examples` reads) as the project's JSONL; return the number of records.
-
-    Embedded images are written byte for byte to `OUT_images/NNNNNN-K.ext` (downscaled ones as re-encoded);
-    image files are referenced by their path relative to OUT's folder, not copied.
-    """
+    Embedded images are written byte for byte (downscaled ones as re-encoded) to `OUT_images/NNNNNN-K.ext`;
+    image files are referenced by their path relative to OUT's folder, not copied."""
     out = Path(out)
     if out.suffix != ".jsonl":
         raise DataError(f"{out}: the output is the project's JSONL: give it a .jsonl name")
@@ -722,37 +718,23 @@ def convert(source: str | os.PathLike, out: str | os.PathLike, *, fields: dict[s
         paths = []
         for k, image in enumerate(example.images):
             if isinstance(image, EncodedImage):
+                with Image.open(io.BytesIO(image.data)) as im:
+                    suffix = {"JPEG": ".jpg", "TIFF": ".tif"}.get(im.format, f".{str(im.format).lower()}")
                 image_dir.mkdir(exist_ok=True)
-                target = image_dir / f"{index:06d}-{k}{_extension(image)}"
+                target = image_dir / f"{index:06d}-{k}{suffix}"
                 target.write_bytes(image.data)
                 image = str(target)
             assert isinstance(image, str), "load_examples yields paths or EncodedImages"
             paths.append(os.path.relpath(image, out.parent))
-        lines.append(json.dumps(_jsonl_record(example, paths), ensure_ascii=False))
+        values = dict(vars(example), images=paths)
+        record = {key: value for key, value in values.items() if value is not None and value != []}
+        if (example.answer is not None) == (example.task == "verifiable"):
+            del record["task"]  # the loader infers it
+        lines.append(json.dumps(record, ensure_ascii=False))
     partial = out.with_name(out.name + ".tmp")
     partial.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
     partial.replace(out)  # a reader never sees half a file
     return len(lines)
-
-
-def _extension(image: EncodedImage) -> str:
-    with Image.open(io.BytesIO(image.data)) as im:
-        return _EXTENSIONS.get(im.format, f".{str(im.format).lower()}")
-
-
-def _jsonl_record(example: Example, paths: list[str]) -> dict[str, Any]:
-    record: dict[str, Any] = {"id": example.id}
-    record.update({"problem": example.problem} if example.messages is None else {"messages": example.messages})
-    if paths:
-        record["images"] = paths
-    if example.answer is not None:
-        record["answer"] = example.answer
-    if (example.answer is not None) != (example.task == "verifiable"):
-        record["task"] = example.task  # only when it is not what the loader would infer
-    for key in ("choices", "constraints", "reference"):
-        if getattr(example, key):
-            record[key] = getattr(example, key)
-    return record
 
 
 def parse_field_overrides(items: Sequence[str]) -> dict[str, str | None]:
