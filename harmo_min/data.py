@@ -26,8 +26,7 @@ Rules (the README's Data section is the user manual):
 
 Public API: `load_examples` (-> `load_jsonl` | `load_table`), `load_preference_jsonl`, `load_images`,
 `iterate_batches`, `build_messages`, `encode_prompts`, `convert` (`python -m harmo_min.data convert IN OUT.jsonl`).
-The built-in synthetic tasks and pairs live in synthetic.py.
-Tables need pyarrow, an optional extra (`pip install -e ".[data]"`).
+Synthetic tasks and pairs live in synthetic.py. Tables need pyarrow, an optional extra (`pip install -e ".[data]"`).
 Left out: video, multi-turn rollouts, streaming (a table's compressed images are held in memory, about the size
 of its files, on every rank), verl's parquet layout (a `prompt` column of chat turns), EXIF orientation.
 """
