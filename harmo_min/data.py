@@ -455,10 +455,10 @@ def _open_table(path: Path, columns: list[str] | None):
             return names, parquet.iter_batches(batch_size=64, columns=[c for c in columns or names if c in names])
         with path.open("rb") as f:
             is_file_format = f.read(6) == b"ARROW1"  # save_to_disk writes the stream format, Feather v2 the file one
-        open_ipc = pa.ipc.open_file if is_file_format else pa.ipc.open_stream
-        table = open_ipc(pa.memory_map(str(path))).read_all()  # memory-mapped: no copy of the file
-        return table.column_names, iter(table.select([c for c in columns or table.column_names
-                                                     if c in table.column_names]).to_batches())
+        reader = (pa.ipc.open_file if is_file_format else pa.ipc.open_stream)(pa.memory_map(str(path)))
+        names = reader.schema.names
+        batches = (reader.get_batch(i) for i in range(reader.num_record_batches)) if is_file_format else reader
+        return names, (batch.select([c for c in columns or names if c in names]) for batch in batches)
     except (pa.ArrowException, OSError) as err:
         raise DataError(f"{path}: not a readable {path.suffix[1:]} file ({err})") from None
 
