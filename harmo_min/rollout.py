@@ -95,8 +95,15 @@ def prefill(model, prompts: dict, cache: DynamicCache) -> tuple[torch.Tensor, to
     out = model(
         input_ids=prompts["input_ids"], attention_mask=prompts["attention_mask"], position_ids=position_ids,
         pixel_values=prompts.get("pixel_values"), image_grid_thw=prompts.get("image_grid_thw"),
-        past_key_values=cache, use_cache=True, logits_to_keep=1,
+        cache=cache, use_cache=True, logits_to_keep=1,
     )
+    prompt_len = prompts["input_ids"].shape[1]
+    if cache.get_seq_length() != prompt_len:
+        # A renamed cache keyword lands in **kwargs and is ignored: decoding would see one token per step.
+        raise RuntimeError(
+            f"prefill: the KV cache holds {cache.get_seq_length()} positions after a {prompt_len}-token prompt; "
+            "the model did not fill it (has transformers renamed its `cache=` forward argument?)"
+        )
     return out.logits[:, -1], rope_deltas
 
 
@@ -107,7 +114,7 @@ def decode_one(model, token: torch.Tensor, attention_mask: torch.Tensor, rope_de
     position = attention_mask.sum(-1, keepdim=True) - 1 + rope_deltas           # (B, 1)
     out = model(
         input_ids=token[:, None], attention_mask=attention_mask, position_ids=position[None].expand(3, -1, -1),
-        past_key_values=cache, use_cache=True,
+        cache=cache, use_cache=True,
     )
     return out.logits[:, -1]
 

@@ -1,5 +1,8 @@
 """The hand-written sampler against Hugging Face `generate` and a plain full forward."""
 
+import contextlib
+import inspect
+
 import pytest
 import torch
 
@@ -186,3 +189,48 @@ def test_bad_arguments_raise(tiny):
     del batch["mm_token_type_ids"]
     with pytest.raises(ValueError, match="mm_token_type_ids"):
         sample(model, batch, n=1, max_new_tokens=4)
+
+
+@contextlib.contextmanager
+def _keywords_ignored(model, *names):
+    """Simulate a transformers release that no longer knows the keyword(s) `names` (as 5.40 drops
+    `past_key_values`): every module whose forward takes a `cache` argument silently drops them from its keyword
+    arguments, as an unknown keyword landing in `**kwargs` would be ignored."""
+    wrapped = []
+    for module in model.modules():
+        if "cache" not in inspect.signature(module.forward).parameters:
+            continue
+        original = module.forward
+
+        def forward(*args, _original=original, **kwargs):
+            for name in names:
+                kwargs.pop(name, None)
+            return _original(*args, **kwargs)
+
+        module.forward = forward
+        wrapped.append(module)
+    assert wrapped, "no module takes a cache argument: the simulation would test nothing"
+    try:
+        yield
+    finally:
+        for module in wrapped:
+            del module.forward
+
+
+def test_sampler_survives_the_removal_of_past_key_values(tiny):
+    # transformers 5.40 removes the `past_key_values=` alias of `cache=`: the sampler must not depend on it.
+    model, processor = tiny
+    batch = _prompts(processor, synthetic_examples(3, seed=5))
+    expected = _greedy_generate(model, batch, 12)
+    with _keywords_ignored(model, "past_key_values"):
+        ours = sample(model, batch, n=1, max_new_tokens=12, temperature=0, eos_ids=[-1])
+    assert torch.equal(ours.response_ids, expected)
+
+
+def test_a_cache_the_model_never_fills_raises_instead_of_decoding_wrong(tiny):
+    # A future rename of the cache keyword must never decode silently with an empty cache.
+    model, processor = tiny
+    batch = _prompts(processor, synthetic_examples(2, seed=5))
+    with _keywords_ignored(model, "past_key_values", "cache"):
+        with pytest.raises(RuntimeError, match="cache"):
+            sample(model, batch, n=2, max_new_tokens=6, temperature=1.0, generator=torch.Generator().manual_seed(0))
