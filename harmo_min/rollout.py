@@ -101,13 +101,7 @@ def sample(
     if pad_id is None:
         pad_id = model.generation_config.pad_token_id
         pad_id = eos_ids[0] if pad_id is None else pad_id
-    attention = model.config._attn_implementation
-    if attention not in ("sdpa", "eager"):
-        raise ValueError(f"sample: attention implementation {attention!r} takes no 4-D mask; load the policy with "
-                         "attn_implementation='sdpa' (or 'eager')")
-    layer_types = set(model.config.get_text_config(decoder=True).layer_types)
-    if layer_types != {"full_attention"}:
-        raise ValueError(f"sample: only full-attention decoder layers are supported, got {sorted(layer_types)}")
+    boolean_mask = _takes_boolean_mask(model)
     device = prompts["input_ids"].device
     eos = torch.tensor(eos_ids, device=device)
     suppress = torch.tensor(placeholder_ids(model) if suppress_ids is None else suppress_ids, dtype=torch.long,
@@ -116,12 +110,12 @@ def sample(
     logits, rope_deltas, prompt_cache = prefill(model, prompts)                # (N, V), (N, 1)
     prompt_mask = prompts["attention_mask"]                                    # (N, P)
     cache = StaticKVCache(prompt_cache, prompt_mask, n=n, length=prompt_mask.shape[1] + max_new_tokens - 1,
-                          boolean_mask=attention == "sdpa")
+                          boolean_mask=boolean_mask)
     del prompt_cache
     logits = logits.repeat_interleave(n, dim=0)                                # (B, V)
     # Position of the token fed at decode step t: real prompt tokens + rope delta + t (same on all 3 axes).
     first_position = (prompt_mask.sum(-1, keepdim=True) + rope_deltas).repeat_interleave(n, dim=0)  # (B, 1)
-    decode = _compiled_decode(device) if compile else decode_one
+    decode = _compiled_decode(cache) if compile else decode_one
 
     rows = logits.shape[0]
     response_ids = torch.full((rows, max_new_tokens), pad_id, dtype=torch.long, device=device)  # (B, T_max)
@@ -210,8 +204,6 @@ class StaticKVCache:
         self.mask = mask.repeat_interleave(n, dim=0)                           # (B, L)
         self.column = torch.tensor([prompt_len], device=device)                # (1,) slot of the next token
         self.writes = 0                                                        # update calls, checked once
-        for t in (*self.keys, *self.values, self.mask, self.column):
-            torch._dynamo.mark_static_address(t)  # fixed addresses: CUDA graphs may capture in-place writes
 
     def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args, **kwargs):
         self.keys[layer_idx].index_copy_(2, self.column, key)                  # (B, H_kv, L, D) <- (B, H_kv, 1, D)
@@ -263,8 +255,23 @@ def sample_next(
     return token, logp.gather(-1, token[:, None]).squeeze(-1)
 
 
-def _compiled_decode(device: torch.device):
+def _takes_boolean_mask(model) -> bool:
+    """Whether the model's attention takes a boolean 4-D mask (sdpa) or an additive one (eager); raise otherwise."""
+    attention = model.config._attn_implementation
+    if attention not in ("sdpa", "eager"):
+        raise ValueError(f"sample: attention implementation {attention!r} takes no 4-D mask; load the policy with "
+                         "attn_implementation='sdpa' (or 'eager')")
+    layer_types = set(model.config.get_text_config(decoder=True).layer_types)
+    if layer_types != {"full_attention"}:
+        raise ValueError(f"sample: only full-attention decoder layers are supported, got {sorted(layer_types)}")
+    return attention == "sdpa"
+
+
+def _compiled_decode(cache: StaticKVCache):
     # CUDA graphs ("reduce-overhead") remove the per-kernel launch cost that bounds a decode step on a GPU; a CPU
-    # has no graphs to replay, so inductor's fused kernels are all compilation buys there.
-    mode = "reduce-overhead" if torch.device(device).type == "cuda" else "default"
+    # has no graphs to replay, so inductor's fused kernels are all compilation buys there. The cache's tensors are
+    # written in place at fixed addresses: marked static, a CUDA graph captures them instead of copying them in.
+    for tensor in (*cache.keys, *cache.values, cache.mask, cache.column):
+        torch._dynamo.mark_static_address(tensor)
+    mode = "reduce-overhead" if cache.mask.device.type == "cuda" else "default"
     return torch.compile(decode_one, mode=mode)
