@@ -3,6 +3,7 @@
     source .venv/bin/activate
     python benchmarks/bench_rollout.py                       # CPU: tiny and medium random configs, eager
     python benchmarks/bench_rollout.py --configs tiny --max-new-tokens 32 --compile
+    python benchmarks/bench_rollout.py --configs medium --modes greedy --profile   # where each side's time goes
     python benchmarks/bench_rollout.py --arch 3b --device cuda --peak-gbps 4800   # full-size Qwen2.5-VL-3B
     python benchmarks/bench_rollout.py --arch 3b --device cpu --text-layers 2 --vision-depth 1 \
         --gpu-prompts 2 --n 2 --gpu-max-new-tokens 8 --modes sampled      # the same path, shrunk, on a CPU
@@ -140,6 +141,7 @@ def main(argv=None):
     p.add_argument("--text-layers", type=int, help="--arch 3b: fewer decoder layers (same widths)")
     p.add_argument("--vision-depth", type=int, help="--arch 3b: fewer vision blocks (same widths)")
     p.add_argument("--peak-gbps", type=float, help="peak memory bandwidth, GB/s: report the fraction of it")
+    p.add_argument("--profile", action="store_true", help="after timing, print each side's top ops (torch.profiler)")
     args = p.parse_args(argv)
 
     if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
@@ -168,6 +170,11 @@ def main(argv=None):
                                greedy=mode == "greedy", compile=args.compile, repeats=args.repeats,
                                peak_gbps=args.peak_gbps)
             rows.append(dict(r, config=name, params=params, mode=mode))
+            if args.profile:
+                kw = dict(model=model, prompts=prompts, n=1 if mode == "greedy" else args.n, max_new_tokens=max_new,
+                          greedy=mode == "greedy")
+                _print_profile(f"{name} {mode}: ours", lambda: _run_ours(compile=args.compile, **kw))
+                _print_profile(f"{name} {mode}: generate", lambda: _run_generate(**kw))
             print(f"  done {name} {mode}: ours {r['ours_s']:.2f}s (warm-up {r['ours_warmup_s']:.1f}s), "
                   f"generate {r['generate_s']:.2f}s", flush=True)
 
@@ -222,6 +229,16 @@ def _run_generate(model, prompts, *, n, max_new_tokens, greedy):
     new = seqs[:, prompts["input_ids"].shape[1]:]
     assert new.shape == (prompts["input_ids"].shape[0] * n, max_new_tokens), new.shape
     return dt, new.numel()
+
+
+def _print_profile(title: str, fn) -> None:
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    with profile(activities=activities) as prof:
+        fn()
+    print(f"\n{title}: top ops by self time (one call, profiler overhead included)")
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12))
 
 
 def _bandwidth(model, prompts, *, n, max_new_tokens, ours_s, peak_gbps, device) -> dict:

@@ -274,4 +274,11 @@ def _compiled_decode(cache: StaticKVCache):
     for tensor in (*cache.keys, *cache.values, cache.mask, cache.column):
         torch._dynamo.mark_static_address(tensor)
     mode = "reduce-overhead" if cache.mask.device.type == "cuda" else "default"
-    return torch.compile(decode_one, mode=mode)
+    compiled = torch.compile(decode_one, mode=mode)
+
+    def step(model, token, position, cache):
+        # Each call is a new step: the previous step's logits (already sampled from) may be overwritten in place.
+        torch.compiler.cudagraph_mark_step_begin()
+        return compiled(model, token, position, cache)
+
+    return step
