@@ -8,14 +8,15 @@
     python benchmarks/bench_rollout.py --arch 3b --device cpu --text-layers 2 --vision-depth 1 \
         --gpu-prompts 2 --n 2 --gpu-max-new-tokens 8 --modes sampled      # the same path, shrunk, on a CPU
 
-Both sides decode the same left-padded prompt batch (synthetic image prompts) in the same dtype and produce
-exactly the same number of tokens: ours with `eos_ids=[-1]` (no row can stop), `generate` with
-`min_new_tokens=max_new_tokens` (EOS suppressed until the end) and `suppress_tokens=placeholder_ids(model)` (the
-image/video slots our sampler also masks). Modes: `greedy` (n = 1, T = 0; `do_sample=False`) and `sampled`
-(n responses per prompt, T = 1; `do_sample=True, num_return_sequences=n`). tokens/s counts generated tokens only
-(rows x new tokens) over the wall time of the whole call, prefill included. One warm-up call per side (for ours
-with `--compile` it includes the compilation, reported as `ours warm-up s`), then `--repeats` timed calls
-(median reported), the two sides alternating.
+Both sides decode the same left-padded prompt batch (synthetic image prompts) in the same dtype and produce exactly
+the same number of tokens, with no stop token on either side: ours with `eos_ids=[-1]` (no row can stop), `generate`
+with a generation config whose `eos_token_id` is None (it stops at `max_new_tokens` only, and runs no extra logits
+processor to hold EOS back), both with the image/video placeholder ids suppressed
+(`suppress_tokens=placeholder_ids(model)` for `generate`, our sampler's default). Modes: `greedy` (n = 1, T = 0;
+`do_sample=False`) and `sampled` (n responses per prompt, T = 1; `do_sample=True, num_return_sequences=n`). tokens/s
+counts generated tokens only (rows x new tokens) over the wall time of the whole call, prefill included. One warm-up
+call per side (for ours with `--compile` it includes the compilation, reported as `ours warm-up s`), then
+`--repeats` timed calls (median reported), the two sides alternating.
 
 CPU configs: `tiny` = build_tiny(0) (text hidden 64, 2 layers); `medium` = hidden 512, intermediate 1024,
 8 layers, 8 heads, 4 KV heads. float32.
@@ -38,6 +39,7 @@ it really reads are higher than the bytes counted: the fraction is of the useful
 from __future__ import annotations
 
 import argparse
+import copy
 import statistics
 import sys
 import time
@@ -214,16 +216,17 @@ def _run_ours(model, prompts, *, n, max_new_tokens, greedy, compile):
 def _run_generate(model, prompts, *, n, max_new_tokens, greedy):
     device = prompts["input_ids"].device
     torch.manual_seed(0)
-    kwargs = dict(max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens,
-                  suppress_tokens=placeholder_ids(model), use_cache=True)
+    config = copy.deepcopy(model.generation_config)
+    config.update(eos_token_id=None, max_new_tokens=max_new_tokens, suppress_tokens=placeholder_ids(model),
+                  use_cache=True)
     if greedy:
-        kwargs.update(do_sample=False)
+        config.update(do_sample=False)
     else:
-        kwargs.update(do_sample=True, temperature=1.0, top_p=1.0, top_k=0, num_return_sequences=n)
+        config.update(do_sample=True, temperature=1.0, top_p=1.0, top_k=0, num_return_sequences=n)
     _sync(device)
     t0 = time.perf_counter()
     with torch.no_grad():
-        seqs = model.generate(**prompts, **kwargs)
+        seqs = model.generate(**prompts, generation_config=config)
     _sync(device)
     dt = time.perf_counter() - t0
     new = seqs[:, prompts["input_ids"].shape[1]:]
