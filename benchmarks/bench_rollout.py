@@ -16,7 +16,8 @@ processor to hold EOS back), both with the image/video placeholder ids suppresse
 `do_sample=False`) and `sampled` (n responses per prompt, T = 1; `do_sample=True, num_return_sequences=n`). tokens/s
 counts generated tokens only (rows x new tokens) over the wall time of the whole call, prefill included. One warm-up
 call per side (for ours with `--compile` it includes the compilation, reported as `ours warm-up s`), then
-`--repeats` timed calls (median reported), the two sides alternating.
+`--repeats` timed calls (median reported), the two sides alternating. `--clock cpu` times the same calls in
+process CPU-seconds, which a CPU shared with other jobs inflates less than wall time.
 
 CPU configs: `tiny` = build_tiny(0) (text hidden 64, 2 layers); `medium` = hidden 512, intermediate 1024,
 8 layers, 8 heads, 4 KV heads. float32.
@@ -72,11 +73,13 @@ QWEN25_VL_3B_VISION = dict(
 
 
 def measure_decode(model, prompts: dict, *, n: int, max_new_tokens: int, greedy: bool = False,
-                   compile: bool = False, repeats: int = 1, peak_gbps: float | None = None) -> dict:
+                   compile: bool = False, repeats: int = 1, peak_gbps: float | None = None,
+                   clock=time.perf_counter) -> dict:
     """Ours against `generate` on one prompt batch: tokens/s of each and their ratio; with `peak_gbps`, also the
-    prefill time, our mean decode-step time, the bytes a step needs and the fraction of the bandwidth bound."""
+    prefill time, our mean decode-step time, the bytes a step needs and the fraction of the bandwidth bound.
+    `clock=time.process_time` measures CPU-seconds instead of wall seconds (a CPU shared with other jobs)."""
     device = prompts["input_ids"].device
-    kw = dict(model=model, prompts=prompts, n=n, max_new_tokens=max_new_tokens, greedy=greedy)
+    kw = dict(model=model, prompts=prompts, n=n, max_new_tokens=max_new_tokens, greedy=greedy, clock=clock)
     ours_warmup_s, tokens = _run_ours(compile=compile, **kw)
     _, gen_tokens = _run_generate(**kw)
     assert tokens == gen_tokens, (tokens, gen_tokens)
@@ -90,7 +93,7 @@ def measure_decode(model, prompts: dict, *, n: int, max_new_tokens: int, greedy:
                   generate_s=gen_s, ours_warmup_s=ours_warmup_s)
     if peak_gbps is not None:
         result.update(_bandwidth(model, prompts, n=n, max_new_tokens=max_new_tokens, ours_s=ours_s,
-                                 peak_gbps=peak_gbps, device=device))
+                                 peak_gbps=peak_gbps, device=device, clock=clock))
     return result
 
 
@@ -143,12 +146,17 @@ def main(argv=None):
     p.add_argument("--text-layers", type=int, help="--arch 3b: fewer decoder layers (same widths)")
     p.add_argument("--vision-depth", type=int, help="--arch 3b: fewer vision blocks (same widths)")
     p.add_argument("--peak-gbps", type=float, help="peak memory bandwidth, GB/s: report the fraction of it")
+    p.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                   help="cpu: process CPU-seconds (all threads) instead of wall time; CPU devices only")
     p.add_argument("--profile", action="store_true", help="after timing, print each side's top ops (torch.profiler)")
     args = p.parse_args(argv)
 
     if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
         sys.exit("--device cuda: CUDA is not available")
-    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, device {args.device}")
+    if args.clock == "cpu" and torch.device(args.device).type != "cpu":
+        sys.exit("--clock cpu: only for --device cpu (GPU work does not show in process CPU time)")
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
+    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, device {args.device}, clock {args.clock}")
     builds = []
     if args.arch == "3b":
         model, processor = build_qwen25_vl_3b(args.device, text_layers=args.text_layers,
@@ -170,11 +178,11 @@ def main(argv=None):
         for mode in args.modes:
             r = measure_decode(model, prompts, n=1 if mode == "greedy" else args.n, max_new_tokens=max_new,
                                greedy=mode == "greedy", compile=args.compile, repeats=args.repeats,
-                               peak_gbps=args.peak_gbps)
+                               peak_gbps=args.peak_gbps, clock=clock)
             rows.append(dict(r, config=name, params=params, mode=mode))
             if args.profile:
                 kw = dict(model=model, prompts=prompts, n=1 if mode == "greedy" else args.n, max_new_tokens=max_new,
-                          greedy=mode == "greedy")
+                          greedy=mode == "greedy", clock=clock)
                 _print_profile(f"{name} {mode}: ours", lambda: _run_ours(compile=args.compile, **kw))
                 _print_profile(f"{name} {mode}: generate", lambda: _run_generate(**kw))
             print(f"  done {name} {mode}: ours {r['ours_s']:.2f}s (warm-up {r['ours_warmup_s']:.1f}s), "
@@ -200,20 +208,20 @@ def _sync(device) -> None:
         torch.cuda.synchronize()
 
 
-def _run_ours(model, prompts, *, n, max_new_tokens, greedy, compile):
+def _run_ours(model, prompts, *, n, max_new_tokens, greedy, compile, clock):
     device = prompts["input_ids"].device
     g = torch.Generator(device).manual_seed(0)
     _sync(device)
-    t0 = time.perf_counter()
+    t0 = clock()
     out = sample(model, prompts, n=n, max_new_tokens=max_new_tokens, temperature=0.0 if greedy else 1.0,
                  generator=g, eos_ids=[-1], compile=compile)
     _sync(device)
-    dt = time.perf_counter() - t0
+    dt = clock() - t0
     assert out.response_ids.shape == (prompts["input_ids"].shape[0] * n, max_new_tokens), out.response_ids.shape
     return dt, out.response_ids.numel()
 
 
-def _run_generate(model, prompts, *, n, max_new_tokens, greedy):
+def _run_generate(model, prompts, *, n, max_new_tokens, greedy, clock):
     device = prompts["input_ids"].device
     torch.manual_seed(0)
     config = copy.deepcopy(model.generation_config)
@@ -224,11 +232,11 @@ def _run_generate(model, prompts, *, n, max_new_tokens, greedy):
     else:
         config.update(do_sample=True, temperature=1.0, top_p=1.0, top_k=0, num_return_sequences=n)
     _sync(device)
-    t0 = time.perf_counter()
+    t0 = clock()
     with torch.no_grad():
         seqs = model.generate(**prompts, generation_config=config)
     _sync(device)
-    dt = time.perf_counter() - t0
+    dt = clock() - t0
     new = seqs[:, prompts["input_ids"].shape[1]:]
     assert new.shape == (prompts["input_ids"].shape[0] * n, max_new_tokens), new.shape
     return dt, new.numel()
@@ -244,13 +252,13 @@ def _print_profile(title: str, fn) -> None:
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12))
 
 
-def _bandwidth(model, prompts, *, n, max_new_tokens, ours_s, peak_gbps, device) -> dict:
+def _bandwidth(model, prompts, *, n, max_new_tokens, ours_s, peak_gbps, device, clock) -> dict:
     """Bytes a decode step needs (text weights + KV of the mean context) / mean step time, as a fraction of peak."""
     _sync(device)
-    t0 = time.perf_counter()
+    t0 = clock()
     prefill(model, prompts)
     _sync(device)
-    prefill_s = time.perf_counter() - t0
+    prefill_s = clock() - t0
     step_s = (ours_s - prefill_s) / max(max_new_tokens - 1, 1)
     lm = model.model.language_model
     weight_bytes = sum(p.numel() * p.element_size() for p in lm.parameters())
