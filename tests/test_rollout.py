@@ -296,10 +296,12 @@ def test_measure_decode_reports_ratio_and_bandwidth_fraction(tiny):
     # The benchmark core the GPU acceptance script imports runs on a CPU too: same token count on both sides.
     model, processor = tiny
     batch = _prompts(processor, synthetic_examples(2, seed=0))
-    r = measure_decode(model, batch, n=2, max_new_tokens=4, peak_gbps=10.0)
-    assert r["rows"] == 4 and r["new_tokens"] == 4
+    r = measure_decode(model, batch, n=2, max_new_tokens=8, peak_gbps=10.0)
+    assert r["rows"] == 4 and r["new_tokens"] == 8
     assert r["ratio"] == pytest.approx(r["ours_tok_s"] / r["generate_tok_s"])
-    assert r["step_ms"] > 0 and 0 < r["hbm_fraction"] == pytest.approx(r["achieved_gbps"] / 10.0)
+    # Only the arithmetic is checked: the step time is (call - separately timed prefill) / 7, noisy on a busy CPU.
+    assert r["hbm_fraction"] == pytest.approx(r["achieved_gbps"] / 10.0)
+    assert r["weight_gb"] * 1e9 == sum(p.numel() * 4 for p in model.model.language_model.parameters())
 
 
 def test_benchmark_builds_the_full_size_3b_architecture():
