@@ -93,7 +93,8 @@ def sample(
     if n < 1 or max_new_tokens < 1:
         raise ValueError(f"sample: n and max_new_tokens must be >= 1, got n={n}, max_new_tokens={max_new_tokens}")
     if temperature < 0 or not 0 < top_p <= 1 or top_k < 0:
-        raise ValueError(f"sample: need temperature >= 0, 0 < top_p <= 1, top_k >= 0; got {temperature}, {top_p}, {top_k}")
+        raise ValueError(f"sample: need temperature >= 0, 0 < top_p <= 1, top_k >= 0; "
+                         f"got {temperature}, {top_p}, {top_k}")
     if eos_ids is None:
         eos_ids = eos_token_ids(model)
     if not eos_ids:

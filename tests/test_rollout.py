@@ -301,7 +301,8 @@ def test_measure_decode_reports_ratio_and_bandwidth_fraction(tiny):
     assert r["ratio"] == pytest.approx(r["ours_tok_s"] / r["generate_tok_s"])
     # Only the arithmetic is checked: the step time is (call - separately timed prefill) / 7, noisy on a busy CPU.
     assert r["hbm_fraction"] == pytest.approx(r["achieved_gbps"] / 10.0)
-    assert r["weight_gb"] * 1e9 == pytest.approx(sum(p.numel() * 4 for p in model.model.language_model.parameters()))
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.model.language_model.parameters())
+    assert r["weight_gb"] * 1e9 == pytest.approx(weight_bytes)
 
 
 def test_benchmark_builds_the_full_size_3b_architecture():
