@@ -23,7 +23,8 @@ mm_token_type_ids, pixel_values, image_grid_thw); B = N * n rows are decoded. Th
    `(real tokens so far - 1) + rope_delta` with `rope_delta = max prompt position + 1 - prompt length` (an image
    spans fewer positions than tokens), i.e. `real prompt tokens + rope_delta + t` for the token fed at step t.
    Real tokens are counted from the attention mask, so left padding never shifts positions, and text-only prompts
-   (`rope_delta = 0`) get `arange`.
+   (`rope_delta = 0`) get `arange`. The first decode step always runs eagerly and checks that every attention layer
+   wrote into the static buffers: a cache the layers bypassed would, again, decode wrong in silence.
 4. **sample** (`sample_next`): vision placeholder ids (`<|image_pad|>`, `<|video_pad|>`) masked out (a response
    containing one would be read as an image slot by the training forward, which then fails or misplaces image
    features), logits / T, optional top-k then top-p truncation, and an exponential race (`argmax(p / E)` with
@@ -36,6 +37,10 @@ Returned `logprobs[i, t] = log softmax(logits / T)[token]`, the *untruncated* te
 when greedy) with only the placeholder ids removed. This is exactly what `grpo.token_logprobs` recomputes in the
 training forward, so with one update per rollout the sampler's log-probs can serve as `logp_old`; top-k/top-p only
 shape which tokens get drawn.
+
+`compile` is off by default: on a CPU it pays only where Python overhead dominates (the tiny model), and while
+dynamo traces, transformers' sdpa attention repeats the KV heads (a copy of each layer's cache per step) instead of
+packing the query heads as it does eagerly; see `benchmarks/RESULTS.md`.
 
 Under FSDP2 the caller gathers full parameters once for the whole rollout phase (`distributed.gathered_params`):
 every forward then runs locally without collectives, so ranks may stop after different numbers of steps.
