@@ -28,7 +28,7 @@ mm_token_type_ids, pixel_values, image_grid_thw); B = N * n rows are decoded. Th
 4. **sample** (`sample_next`): vision placeholder ids (`<|image_pad|>`, `<|video_pad|>`) masked out (a response
    containing one would be read as an image slot by the training forward, which then fails or misplaces image
    features), logits / T, optional top-k then top-p truncation, and an exponential race (`argmax(p / E)` with
-   `E = -log U ~ Exp(1)` is a sample from `p`) from a seeded `torch.Generator`; T = 0 is greedy.
+   `E ~ Exp(1)` is a sample from `p`) from a seeded `torch.Generator`; T = 0 is greedy.
 
 Rows that emit an EOS id stop: later tokens are pad and masked out. The loop ends when every row has stopped or
 after `max_new_tokens`.
@@ -254,10 +254,8 @@ def sample_next(
         drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
         filtered = filtered.masked_fill(drop, float("-inf"))
     # Exponential race: argmax_i p_i / E_i with E_i ~ Exp(1) selects i with probability p_i (no CPU sync, seeded).
-    # E = -log U from uniform U in [0, 1): U = 0 gives E = inf and p / E = 0, never NaN; on CPU this draws 5x
-    # faster than `exponential_`.
-    uniform = torch.rand(filtered.shape, generator=generator, device=filtered.device)  # (B, V)
-    token = (filtered.softmax(-1) / uniform.log_().neg_()).argmax(-1)                # (B,)
+    noise = torch.empty_like(filtered).exponential_(1.0, generator=generator)  # (B, V)
+    token = (filtered.softmax(-1) / noise).argmax(-1)                          # (B,)
     return token, logp.gather(-1, token[:, None]).squeeze(-1)
 
 
