@@ -161,6 +161,16 @@ def test_sampler_logprobs_equal_full_forward(tiny, temperature, top_p):
     assert torch.allclose(r.logprobs, ref * r.response_mask, atol=1e-4), (r.logprobs - ref).abs().max()
 
 
+def test_rollout_tensors_can_be_saved_for_backward(tiny):
+    # The sampler decodes in inference mode; what it returns must still be usable by the training step's autograd.
+    model, processor = tiny
+    batch = _prompts(processor, synthetic_examples(1, seed=2))
+    r = sample(model, batch, n=2, max_new_tokens=5, temperature=1.0, generator=torch.Generator().manual_seed(0))
+    weight = torch.ones((), requires_grad=True)
+    (weight * r.logprobs * r.response_mask).sum().backward()  # mul saves both operands for backward
+    assert not any(t.is_inference() for t in (r.prompt_index, r.response_ids, r.response_mask, r.logprobs))
+
+
 def test_texts_are_decoded_without_pad(tiny):
     model, processor = tiny
     batch = _prompts(processor, synthetic_examples(1, seed=2))
