@@ -68,7 +68,8 @@ GRPO_DEFAULTS = {
         "image_size": 112,
         "answer_format": "think_answer",  # the prompt's instruction and the format reward: think_answer | boxed | bare
     },
-    "rollout": {"n": 8, "max_new_tokens": 256, "temperature": 1.0, "top_p": 1.0, "top_k": 0},
+    "rollout": {"n": 8, "max_new_tokens": 256, "temperature": 1.0, "top_p": 1.0, "top_k": 0,
+                "compile": False},           # torch.compile the decode step (CUDA graphs on a GPU); see rollout.py
     "reward": {},                     # rewards.RewardConfig keys (weights, combine, min_confidence, plugins, ...)
     "reward_model": {
         "path": None,                 # a folder from train_reward_model.py, or a Skywork-VL-Reward folder
@@ -197,7 +198,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
             policy.eval()
             with gathered_params(policy):
                 rollout = sample(policy, prompts, n=n, max_new_tokens=r["max_new_tokens"], temperature=r["temperature"],
-                                 top_p=r["top_p"], top_k=r["top_k"], generator=generator, tokenizer=processor.tokenizer)
+                                 top_p=r["top_p"], top_k=r["top_k"], generator=generator, tokenizer=processor.tokenizer,
+                                 compile=r["compile"])
             policy.train()
 
         # 3. rewards: reward-model scores for open / low-confidence items, then every aspect of every response
