@@ -1,54 +1,40 @@
 r"""The rule verifier: the rule-based half of HARMO's hybrid accuracy reward.
 
-`verify(response, gold, choices=None)` decides whether a model's final answer matches the gold answer of a
-verifiable item (math, geometry, charts, multiple choice), with a confidence that tells the combiner when to
-trust the decision. `verify_batch` scores a rollout batch, optionally in a persistent pool of worker processes.
+`verify(response, gold, choices=None)` decides whether a response's final answer matches the gold answer of a
+checkable item (math, geometry, charts, multiple choice), with a confidence that tells the combiner when to trust
+the decision. `verify_batch` scores a rollout batch, optionally in persistent worker processes.
 
     >>> verify(r"so the area is <answer>\frac{1}{2}</answer>", "0.5")
     Verdict(correct=True, confidence=1.0, pred='\\frac{1}{2}', reason='numeric')
 
 Pipeline, cheapest first (most rollouts never reach sympy):
-1. Extraction (`extract_answer`): the last <answer>...</answer> block (`answer_block`, tags in any case; a
-   \boxed{} inside it is unwrapped), else the last \boxed{...} or \fbox{...} (`last_boxed`: balanced braces; a
-   malformed last box is no answer, an earlier one never counts), else the last "the answer is ..." / "Answer: ..."
-   phrase, else a bare reply of one short line. rewards.py reads answers with the same two parsers.
-2. Size guards, before any other work: a gold or prediction over MAX_ANSWER_CHARS is not an answer.
+1. Extraction: the last <answer>...</answer> block (`answer_block`; a \boxed{} inside is unwrapped), else the last
+   \boxed{} or \fbox{} (`last_boxed`; a malformed last box is no answer, an earlier one never counts), else the last
+   "the answer is ..." / "Answer: ..." phrase, else a bare one-line reply. rewards.py reads answers the same way.
+2. Size guards before any other work: a gold or prediction over MAX_ANSWER_CHARS is not an answer.
 3. Exact match after light normalisation (whitespace, $, \left/\right, \dfrac).
-4. Multiple choice when `choices` is given or the gold is a capital letter: `B`, `(B)`, `Option B`,
-   `B. 5 cm`, or the option's own text (compared like any answer) all map to a letter.
-5. Plain-text golds ("Yes", "Eiffel Tower"): normalised strings (case, punctuation and articles ignored;
-   brackets count, so an unbalanced or bracket-padded prediction never matches).
-6. Math: our own LaTeX/unicode normaliser, then structure (sets order-free; tuples and intervals ordered;
-   unions), equations (`x = 5` vs `5`; sides swapped or scaled), units, degrees and percent (stripped; two
-   different stated units disagree), then plain numbers as exact Fractions in this process; only the rest
-   reaches sympy, through our own recursive-descent parser that builds sympy objects (no eval/parse_expr).
-   Numbers: equal, or the gold is given to k decimals and a more precise prediction rounds to it (MathVista
-   style: 4/3 vs 1.33), or the prediction has >= 2 decimals and an exact gold rounds to it.
-   Expressions: a - b is 0 after sympy's automatic simplification, or vanishes (relative 1e-9) at five
-   sample points where every symbol gets its own value (so x and y differ), else sympy.simplify decides.
+4. Multiple choice (`choices` given, or a capital-letter gold): `B`, `(B)`, `Option B` or the option's own text.
+5. Plain-text golds ("Yes", "Eiffel Tower"): normalised strings; case, punctuation and articles are ignored,
+   brackets are not (an unbalanced or bracket-padded prediction never matches).
+6. Math: our LaTeX/unicode normaliser; sets (order-free), tuples, intervals, unions; equations (`x = 5` vs `5`,
+   sides swapped or scaled); units, degrees and percent; plain numbers as exact Fractions here, the rest in sympy
+   through our own recursive-descent parser (no eval). Numbers are equal, or the gold has k decimals and a more
+   precise prediction rounds to it (4/3 vs 1.33), or the prediction has >= 2 decimals and an exact gold rounds to
+   it. Expressions: a - b is 0, or vanishes (relative 1e-9) at five points where each symbol gets its own value,
+   else sympy.simplify decides.
 
-Confidence (the combiner routes a verdict below its min_confidence to the reward model):
-    exact, numeric, symbolic, choice   1.0  both sides parsed and compared exactly or symbolically
-    no_answer                          1.0  incorrect: nothing could be extracted
-    too_large                          1.0  incorrect: the prediction trips a size guard (> MAX_ANSWER_CHARS,
-                                            > 300 chars of math, power tower, factorial chain, deep nesting);
-                                            no gold is written like that, and rewarding such output is wrong
-    string, unit, choice without texts WEAK (0.6): a fallback decided, see WEAK
-    gold_unparseable, timeout, error   0.0  incorrect because we do not know: route it elsewhere
-An unparseable gold (empty, unbalanced braces, math we cannot parse) never yields correct=True; only the
-exact stage (the prediction is the same text) comes before that check.
+Confidence: 1.0 when both sides were parsed and compared (exact, numeric, symbolic, choice) and for the
+confidently wrong no_answer and too_large (a hostile answer that trips a size guard); WEAK when a fallback decided
+(string, unit, a letter gold without option texts); 0.0 with correct=False when we cannot know (gold_unparseable,
+timeout, error): the combiner routes it elsewhere. Only the exact stage comes before the gold-parsing check.
 
-Bounded on any text, in any process. Every regex is linear-time (no pattern can backtrack over a run of
-whitespace or braces) and the size guards come first, so the pure-Python stages take milliseconds even on a
-200 KB response. Sympy work runs in one persistent worker process per calling process, started with os.fork
-(which multiprocessing.Pool workers and daemon processes may use; multiprocessing.Process they may not) and
-reused (one pipe round trip, ~0.05 ms). The caller waits at most `timeout_s`, then SIGKILLs it (which stops
-even a C-level big-integer loop, unlike signal.alarm) and the next call forks a fresh one. Threads share the
-worker under a lock; waiting for it counts against their timeout. `verify_batch(workers=N)` shares a batch
-between the caller and N forked processes kept alive across calls (started lazily, replaced when one dies,
-never shared with a forked child, killed at exit), each with its own sympy worker. A bug hit by hostile text
-becomes reason "error". What propagates says nothing about the text: OSError (the machine cannot fork or pipe)
-and RuntimeError from verify_batch when a pool worker dies or stops answering. Needs os.fork (POSIX).
+Bounded on any text: every regex is linear-time and the size guards come first. Sympy runs in one persistent
+worker process per calling process, started with os.fork (allowed in daemon and multiprocessing.Pool workers,
+where multiprocessing.Process is not); after `timeout_s` it is SIGKILLed (which stops even a C-level big-integer
+loop, unlike signal.alarm) and the next call forks a new one. Threads share it under a lock, and waiting counts
+against their timeout. `verify_batch(workers=N)` keeps N forked processes alive across calls. A bug hit by hostile
+text becomes reason "error"; what propagates says nothing about the text: OSError (cannot fork or pipe) and
+RuntimeError from verify_batch when a pool worker dies or hangs. Needs os.fork (POSIX).
 
 Left out: matrices, \pm, unit conversion (0.5 m vs 50 cm), degrees vs radians, ratios (1:2), intervals vs
 inequalities (`x > 3` vs `(3, \infty)`), log base conventions (log is natural), number words beyond twelve.
@@ -84,9 +70,7 @@ MAX_INT_ARG = 1000  # largest factorial / binomial argument and integer power of
 MAX_ITEMS = 32  # elements of a set or tuple
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Public API
-
+# ----------------------------------------------------------------------------------------------------------- public API
 @dataclass(frozen=True)
 class Verdict:
     correct: bool
@@ -168,9 +152,7 @@ def last_boxed(text: str) -> str | None:
     return m.group() if m and j > k else None
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Extraction helpers
-
+# ----------------------------------------------------------------------------------------------------------- extraction
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 _ASCII_LOWER = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrstuvwxyz")
 _BRACE = re.compile(r"[{}]")
@@ -230,9 +212,7 @@ def _gold_text(gold) -> str | None:
     return text
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Normalisation: LaTeX and unicode to the small plain-math language our parser reads
-
+# -------------------------------------------------- normalisation: LaTeX and unicode to the plain math our parser reads
 _FUNCS = {"sqrt", "sin", "cos", "tan", "cot", "sec", "csc", "arcsin", "arccos", "arctan", "sinh", "cosh",
           "tanh", "log", "ln", "exp", "abs", "binomial"}
 _GREEK = {"alpha", "beta", "gamma", "delta", "epsilon", "varepsilon", "zeta", "eta", "theta", "vartheta",
@@ -378,9 +358,7 @@ def _thousands(s: str) -> str:
     return m[1].replace(",", "") + m[2] if m else s
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Comparing two answers
-
+# ------------------------------------------------------------------------------------------------ comparing two answers
 class _Fail(Exception):
     """Ends a comparison early; args[0] is the reason (unparseable, too_large, timeout, unit, ...)."""
 
@@ -547,9 +525,7 @@ def _decide(pred: str, gold: str, choices: list[str] | None, deadline: float) ->
     return False, 1.0 if reason == "too_large" else 0.0, reason
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Numbers, units and percent: the pure-Python fast path
-
+# ---------------------------------------------------------------- numbers, units and percent: the pure-Python fast path
 _D = r"(\d+(?:\.\d*)?|\.\d+)"
 _NUM_RE = re.compile(rf"([-+]?)\(?{_D}(?:[eE]([-+]?\d{{1,3}})|\s*\*\s*10\s*\^\s*\(?([-+]?\d{{1,3}})\)?)?\)?")
 _FRAC_RE = re.compile(rf"([-+]?)\(?\(?{_D}\)?\s*/\s*\(?{_D}\)?\)?")
@@ -599,9 +575,7 @@ def _split_unit(s: str) -> tuple[str, str]:
     return m["val"].strip(), _UNIT_ALIAS.get(unit, unit)
 
 
-# ----------------------------------------------------------------------------------------------------------
-# The sympy stage (runs in the worker): tokenizer, guarded recursive-descent parser, comparison
-
+# ----------------------------- the sympy stage (in the worker): tokenizer, guarded recursive-descent parser, comparison
 _TOKEN = re.compile(r"\s*(?:(\d+(?:\.\d*)?(?:[eE][-+]?\d+)?|\.\d+)|([A-Za-z]+(?:_[A-Za-z0-9]+)?)"
                     r"|(\*\*|<=|>=|!=|[-+*/^()!=<>,|_]))")
 _CONSTANTS = {"pi": sympy.pi, "oo": sympy.oo, "e": sympy.E, "i": sympy.I}
@@ -801,12 +775,11 @@ def _sympy_compare(p: str, g: str, pd: int | None, gd: int | None) -> bool:
     return _values_equal(px, gx, pd, gd)
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Worker processes: forked with os.fork, which daemonic processes (multiprocessing.Pool workers) may call,
-# where multiprocessing.Process.start() refuses ("daemonic processes are not allowed to have children")
-
+# -------------------------------------------------------------------------------------------------------------- workers
 class _Child:
-    """A forked process that answers each job sent over a pipe with `handle(job)`, until the pipe closes."""
+    """A forked process that answers each job sent over a pipe with `handle(job)`, until the pipe closes. Forked
+    with os.fork, which daemonic processes (multiprocessing.Pool workers) may call, where
+    multiprocessing.Process.start() refuses ("daemonic processes are not allowed to have children")."""
 
     def __init__(self, handle: Callable):
         self.conn, child_end = Pipe()
