@@ -579,6 +579,7 @@ def _split_unit(s: str) -> tuple[str, str]:
 _TOKEN = re.compile(r"\s*(?:(\d+(?:\.\d*)?(?:[eE][-+]?\d+)?|\.\d+)|([A-Za-z]+(?:_[A-Za-z0-9]+)?)"
                     r"|(\*\*|<=|>=|!=|[-+*/^()!=<>,|_]))")
 _CONSTANTS = {"pi": sympy.pi, "oo": sympy.oo, "e": sympy.E, "i": sympy.I}
+_FUNC_ALIAS = {"ln": sympy.log, "abs": sympy.Abs, "arcsin": sympy.asin, "arccos": sympy.acos, "arctan": sympy.atan}
 
 
 def _tokens(s: str) -> list[tuple[str, str]]:
@@ -619,15 +620,6 @@ def _small(x: sympy.Expr) -> sympy.Expr:
     if x.is_Number and x.is_finite and abs(x) > MAX_INT_ARG:
         raise _Fail("too_large")  # (10!)! and binomial(10^5, 5*10^4)
     return x
-
-
-def _call(name: str, args: list[sympy.Expr]) -> sympy.Expr:
-    if name == "binomial" and len(args) == 2:
-        return sympy.binomial(_small(args[0]), _small(args[1]))
-    if len(args) != 1 and name != "log":
-        raise _Fail("unparseable")
-    alias = {"ln": sympy.log, "abs": sympy.Abs, "arcsin": sympy.asin, "arccos": sympy.acos, "arctan": sympy.atan}
-    return (alias.get(name) or getattr(sympy, name))(*args)
 
 
 class _Parser:
@@ -705,7 +697,14 @@ class _Parser:
                 raise _Fail("unparseable")
         else:
             args = [self.factor()]  # \sqrt 2, \sin x
-        out = _call(val, args if base is None else args + [base])
+        if val == "binomial" and len(args) == 2:
+            out = sympy.binomial(_small(args[0]), _small(args[1]))
+        elif val == "log":
+            out = sympy.log(*args) if base is None else sympy.log(*args, base)
+        elif len(args) == 1:
+            out = (_FUNC_ALIAS.get(val) or getattr(sympy, val))(args[0])
+        else:
+            raise _Fail("unparseable")
         return out if exp is None else _pow(out, exp)
 
 
@@ -785,14 +784,13 @@ class _Child:
         self.conn, child_end = Pipe()
         self.pid = os.fork()
         if self.pid == 0:
-            code = 1
             try:
                 self.conn.close()  # only the parent holds this end now: its death gives us EOF, not an orphan
                 signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is for the parent; its exit ends us
-                _serve(child_end, handle)
-                code = 0
+                while True:  # until recv raises EOFError: the parent closed its end or died
+                    child_end.send(handle(child_end.recv()))
             finally:
-                os._exit(code)  # never return into the caller's code, never run its atexit handlers
+                os._exit(0)  # never return into the caller's code, never run its atexit handlers
         child_end.close()
 
     def alive(self) -> bool:
@@ -808,15 +806,6 @@ class _Child:
         except (ProcessLookupError, ChildProcessError):
             pass  # it had exited and been reaped already: nothing left to stop
         self.conn.close()
-
-
-def _serve(conn, handle: Callable) -> None:
-    while True:
-        try:
-            job = conn.recv()
-        except (EOFError, OSError):
-            return
-        conn.send(handle(job))
 
 
 def _sympy_job(job: tuple) -> tuple[str, object]:
@@ -875,10 +864,9 @@ def _pool_map(items: list, workers: int, timeout_s: float) -> list[Verdict]:
     """verify_batch's parallel path (called under _pool_lock): the items in workers + 1 contiguous shares, one
     for each pool worker and the last for this process, which would otherwise sit idle waiting for them."""
     global _pool
-    dead = [child for child in _pool if not child.alive()]
-    for child in dead:
+    for child in [child for child in _pool if not child.alive()]:
         child.kill()
-    _pool = [child for child in _pool if child not in dead]  # a larger pool from an earlier call stays: no churn
+        _pool.remove(child)  # the live ones stay, a larger pool from an earlier call too: no churn
     while len(_pool) < workers:  # one at a time: each fork sees (and closes its copies of) the ones before it
         _pool.append(_Child(_verify_items))
     size = -(-len(items) // (workers + 1))
