@@ -1,80 +1,51 @@
 r"""The multi-aspect reward combiner of HARMO (arXiv 2510.05283): one group of G responses in, G rewards out.
 
-For each group of G responses to one prompt, every reward aspect is computed for every response and the aspects
-are combined into one scalar per response. Pure Python, no torch: reward-model scores come in as plain numbers
-and checkable answers go to the rule verifier (`harmo_min.verifier`). Config keys are `reward.<key>` [default].
+Every aspect is computed for every response of a group, and the aspects are combined into one scalar per response.
+Pure Python, no torch: reward-model scores come in as plain numbers, checkable answers go to the rule verifier.
+Keys are `reward.<key>` [default]; the README's "Rewards" section is the user's guide to them.
 
     cfg = RewardConfig.from_dict(config["reward"], answer_format=config["data"]["answer_format"])
     cfg = cfg.resolve(max_new_tokens)
     out = score_batch(examples, texts, lengths=lengths, finish_reasons=finish_reasons, model_scores=None, cfg=cfg)
     out[k].total (G,), out[k].breakdown["length"] (G,), out[k].route (G,); route_counts(out) for the step log
 
-Aspects (unweighted values, all reported in `GroupRewards.breakdown`)
-  accuracy     in [0, 1]; see the routing table. Always computed (the length penalty, dynamic sampling and the
-               logs need it), whatever its weight.
-  format       r_fmt ∈ {0, 1}: the response has the shape its prompt asked for. The answer format is one concept
-               with one key, data.answer_format (ANSWER_FORMATS; the trainer passes it to from_dict):
-                 think_answer  the whole response is <think>…</think><answer>…</answer>: exactly one of each tag,
-                               in that order, only whitespace outside and between the blocks, non-empty answer
-                 boxed         the last box (`verifier.last_boxed`: \boxed{…}, \fbox{…} or `\boxed 5`) is
-                               well-formed and non-empty
-                 bare          no shape to check: weights.format must be 0 (and accuracy_requires_format false)
-               Tags match in any ASCII case and boxes are found by the verifier's own parsers (`answer_block`,
-               `last_boxed`): format 1 means the verifier reads the answer from the place the prompt named.
-  instruction  r_inst ∈ [0, 1]: fraction of the example's constraints satisfied; 1 when it has none.
-  length       HARMO group length penalty. L* = length in tokens of the shortest *correct* response
-               (accuracy ≥ correct_threshold [0.5]). An incorrect response with L < L* gets
-                   r_len = −P_max · min(1, (L* − L) / (τ · L*))    P_max = length_p_max [0.5], τ = length_tau [0.5]
-               every other response, and every group with no correct response, gets 0.
-  overlong     DAPO soft overlong punishment, L_max = overlong_max_len [null: the rollout's max_new_tokens,
-               filled in by `cfg.resolve(max_new_tokens)`], L_buf = overlong_buffer [0]:
-                   r = 0 for L ≤ L_max − L_buf,  (L_max − L_buf − L) / L_buf in between,  −1 for L ≥ L_max.
-               A response cut off by the token limit (finish_reason "length") counts as L ≥ L_max: it never
-               finished. With L_buf = 0 it is a step: −1 for the responses that reach L_max, 0 for the rest.
+Aspects (unweighted values, all in `GroupRewards.breakdown`)
+  accuracy     in [0, 1], routed as below; always computed (length, dynamic sampling and the logs need it).
+  format       1 when the response has the shape data.answer_format (ANSWER_FORMATS) asks for, read with the
+               verifier's parsers: think_answer = the whole response is <think>…</think><answer>…</answer> (one of
+               each tag, in that order, only whitespace outside them, a non-empty answer); boxed = the last box is
+               well-formed and non-empty; bare = no shape, so weights.format must be 0.
+  instruction  fraction of the example's constraints satisfied; 1 when it has none.
+  length       HARMO: with L* the length in tokens of the shortest correct response (accuracy ≥ correct_threshold
+               [0.5]), an incorrect response with L < L* gets r = −P_max · min(1, (L* − L) / (τ · L*)),
+               P_max = length_p_max [0.5], τ = length_tau [0.5]; all others, and groups with none correct, get 0.
+  overlong     DAPO: r = 0 for L ≤ L_max − L_buf, (L_max − L_buf − L) / L_buf in between, −1 for L ≥ L_max;
+               L_max = overlong_max_len [null: max_new_tokens, by `cfg.resolve`], L_buf = overlong_buffer [0].
+               A response cut off by the token limit (finish_reason "length") counts as L ≥ L_max.
 
-Routing of the accuracy (c = verdict confidence, s = reward-model score, T = rm_temperature [1.0]).
-accuracy_source [hybrid] picks the source; rule and model are the paper's single-source ablations.
-  source  task        verdict                         model score   route                 accuracy
-  hybrid  open        (not verified)                  given         model                 sigmoid(s / T)
-  hybrid  open        (not verified)                  missing       none                  0
-  hybrid  verifiable  c > 0 and c ≥ min_confidence    any           rule                  1 if correct else 0
-  hybrid  verifiable  c < min_confidence [0.5]        given         model                 sigmoid(s / T)
-  hybrid  verifiable  0 < c < min_confidence          missing       rule_low_confidence   1 if correct else 0
-  hybrid  verifiable  c = 0                           missing       none                  0
-  rule    open        (not verified)                  ignored       none                  0
-  rule    verifiable  as hybrid with every score missing (the trainer runs no reward model)
-  model   any         (not verified)                  given         model                 sigmoid(s / T)
-  model   any         (not verified)                  missing       none                  0
-"missing" means no reward model (model_scores=None) or an entry that is not a finite float: None, NaN, ±inf,
-or an integer beyond float range (10**400). c = 0 is an unparseable gold, a verifier timeout or error: such a
-verdict carries no information, so on its own it never gives accuracy 1. Route "none" is a real outcome, counted
-by `route_counts`: a dataset of open items trained without a reward model shows up in the logs instead of
-silently scoring 1 (or 0) everywhere.
+Routing of the accuracy, accuracy_source [hybrid]; c = verdict confidence, s = reward-model score, "missing" when
+there is no reward model or the entry is not a finite float (None, NaN, ±inf, 10**400):
+  open item                            sigmoid(s / rm_temperature [1.0]), route "model"; 0, "none" when s is missing
+  verifiable, c > 0 and c ≥ min_confidence [0.5]     1 if correct else 0, route "rule"
+  verifiable, otherwise                sigmoid(s / T), "model"; without s: the verdict, "rule_low_confidence", if
+                                       c > 0, else 0, "none" (c = 0: unparseable gold, timeout or error)
+accuracy_source rule treats every s as missing; model routes every item like an open one (no verifier).
 
 Combination (w_a = weights.<aspect> [accuracy 1.0, format 0.1, instruction 0.1, length 1.0, overlong 0.0])
   combine=sum_then_normalize [default]:  R_i = Σ_a w_a · r_a,i       (grpo.py then normalises R within the group)
-  combine=normalize_then_sum (GDPO):     R_i = Σ_a w_a · (r_a,i − mean_a) / (std_a + norm_eps)
-                                         per-group mean and population std, norm_eps [1e-4]
+  combine=normalize_then_sum (GDPO):     R_i = Σ_a w_a · (r_a,i − mean_a) / (std_a + norm_eps [1e-4])
   accuracy_requires_format [false]: accuracy := accuracy · r_fmt before anything uses it (length, total, logs).
 A weight of 0 switches an aspect off (not computed, not in the breakdown), accuracy excepted.
 
-Constraints (`example.constraints`, a list of {"kind": …, …}; checked by `validate_constraint`)
-  Word counts and substring checks look at the *visible* text: the last <answer>…</answer> block when there is one
-  (`verifier.answer_block`), else the response minus its <think> blocks (an unclosed <think> hides everything
-  after it). Words are whitespace-separated, so a run of CJK text without spaces is one word. The two answer checks
-  read the final answer as the verifier extracts it (`extract_answer`).
-  max_words {value: int ≥ 0}        min_words {value: int ≥ 0}
-  must_include {value: str}         must_not_include {value: str}          (case-insensitive)
-  answer_is_choice_letter           a single capital letter, optionally "(B)" or "B.", among the letters of the
-                                    example's choices (A–Z when the choices live only in the prompt text)
-  answer_is_number                  1, -2.5, 1,000, 3e8, 15%, 3/4 or \frac{3}{4}, optionally inside $…$
-  language {value: en|fr|de|es|ru|zh|ja|ko}   more than half of the visible letters are in the language's script.
-                                    Script, not language: en and fr look alike, Han-only Japanese looks like zh.
+Constraints (`example.constraints`, a list of {"kind": …}, checked by `validate_constraint`, table CONSTRAINT_KINDS)
+read the visible text (`visible_text`: the last answer block, else the response without <think> blocks) or the
+final answer the verifier extracts: max_words / min_words (whitespace-separated words), must_include /
+must_not_include (case-insensitive), answer_is_choice_letter, answer_is_number, language (more than half of the
+visible letters in the language's script: the script, not the language).
 
-New aspects: decorate `fn(example, response, ctx) -> float` (per response) or `fn(example, group) -> list[float]`
-(group=True) with `@register_aspect("name")` in your own module, list the module in `reward.plugins` (imported
-before the weights are checked) and set `reward.weights.name: w`. Left out: the reward-model forward (scores come
-in as numbers), reference answers, per-aspect parameters for user aspects, and the advantage (grpo.py).
+New aspects: `@register_aspect("name")` on fn(example, response, ctx) -> float, or `group=True` on
+fn(example, group) -> list[float], in a module listed in `reward.plugins`; then `reward.weights.name: w`.
+Left out: the reward-model forward, reference answers, parameters for user aspects, the advantage (grpo.py).
 """
 
 from __future__ import annotations
