@@ -210,14 +210,7 @@ class Group:
     cfg: RewardConfig
 
 
-@dataclass(frozen=True)
-class Constraint:
-    check: Callable[[Any, str, dict], bool]  # (example, response, constraint) -> satisfied
-    value: tuple[str, Callable[[Any], bool]] | None  # (description, test) of the "value" parameter, if it takes one
-
-
 ASPECTS: dict[str, Aspect] = {}
-CONSTRAINT_KINDS: dict[str, Constraint] = {}
 
 
 def register_aspect(name: str, *, group: bool = False) -> Callable:
@@ -228,33 +221,6 @@ def register_aspect(name: str, *, group: bool = False) -> Callable:
         ASPECTS[name] = Aspect(name, fn, group)
         return fn
     return add
-
-
-def register_constraint(kind: str, value: tuple[str, Callable[[Any], bool]] | None = None) -> Callable:
-    def add(check: Callable) -> Callable:
-        if kind in CONSTRAINT_KINDS:
-            raise ValueError(f"constraint kind '{kind}' is already registered")
-        CONSTRAINT_KINDS[kind] = Constraint(check, value)
-        return check
-    return add
-
-
-def validate_constraint(c: dict) -> None:
-    """Raise ValueError with a clear message unless `c` is a well-formed constraint (data.py calls this on load)."""
-    if not isinstance(c, dict):
-        raise ValueError(f"constraint: must be a dict like {{'kind': 'max_words', 'value': 30}}, got {c!r}")
-    kind = c.get("kind")
-    if not isinstance(kind, str) or kind not in CONSTRAINT_KINDS:
-        raise ValueError(f"constraint.kind: unknown kind {kind!r}{_did_you_mean(kind, CONSTRAINT_KINDS)}; "
-                         f"known: {', '.join(CONSTRAINT_KINDS)}")
-    spec = CONSTRAINT_KINDS[kind]
-    extra = sorted(set(c) - {"kind"} - ({"value"} if spec.value else set()))
-    if extra:
-        raise ValueError(f"constraint {kind}: unexpected key(s) {extra}")
-    if spec.value is not None:
-        what, ok = spec.value
-        if "value" not in c or not ok(c["value"]):
-            raise ValueError(f"constraint {kind}.value: must be {what}, got {c.get('value')!r}")
 
 
 # ---------------------------------------------------------------------------------------------------- reading the text
@@ -294,53 +260,17 @@ def visible_text(response: str) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------- constraints
-def _is_count(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+@dataclass(frozen=True)
+class Constraint:
+    check: Callable[[Any, str, dict], bool]  # (example, response, constraint) -> satisfied
+    value: tuple[str, Callable[[Any], bool]] | None  # (description, test) of the "value" parameter, if it takes one
 
 
-def _is_nonempty_str(v: Any) -> bool:
-    return isinstance(v, str) and v.strip() != ""
-
-
-@register_constraint("max_words", ("a non-negative integer", _is_count))
-def _max_words(example: Any, response: str, c: dict) -> bool:
-    return len(visible_text(response).split()) <= c["value"]
-
-
-@register_constraint("min_words", ("a non-negative integer", _is_count))
-def _min_words(example: Any, response: str, c: dict) -> bool:
-    return len(visible_text(response).split()) >= c["value"]
-
-
-@register_constraint("must_include", ("a non-empty string", _is_nonempty_str))
-def _must_include(example: Any, response: str, c: dict) -> bool:
-    return c["value"].casefold() in visible_text(response).casefold()
-
-
-@register_constraint("must_not_include", ("a non-empty string", _is_nonempty_str))
-def _must_not_include(example: Any, response: str, c: dict) -> bool:
-    return c["value"].casefold() not in visible_text(response).casefold()
-
-
+_COUNT = ("a non-negative integer", lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0)
+_TEXT = ("a non-empty string", lambda v: isinstance(v, str) and v.strip() != "")
 _LETTER_RE = re.compile(r"\(?([A-Z])\)?\.?")
-
-
-@register_constraint("answer_is_choice_letter")
-def _answer_is_choice_letter(example: Any, response: str, c: dict) -> bool:
-    m = _LETTER_RE.fullmatch((extract_answer(response) or "").strip())
-    n = len(getattr(example, "choices", None) or []) or 26
-    return bool(m) and ord(m.group(1)) - ord("A") < n
-
-
 _NUMBER_RE = re.compile(r"[-+]?(?:\d+(?:,\d{3})*(?:\.\d+)?|\.\d+)(?:[eE][-+]?\d+)?%?"
                         r"|[-+]?\d+\s*/\s*\d+|[-+]?\\[dt]?frac\{\d+\}\{\d+\}")
-
-
-@register_constraint("answer_is_number")
-def _answer_is_number(example: Any, response: str, c: dict) -> bool:
-    return bool(_NUMBER_RE.fullmatch((extract_answer(response) or "").strip().strip("$").strip()))
-
-
 _SCRIPTS = {
     "latin": re.compile(r"[A-Za-z\u00C0-\u024F]"),
     "cyrillic": re.compile(r"[\u0400-\u04FF]"),
@@ -353,14 +283,60 @@ LANGUAGE_SCRIPTS = {"en": ("latin",), "fr": ("latin",), "de": ("latin",), "es": 
 _ANY_LETTER = re.compile(r"[^\W\d_]")
 
 
-@register_constraint("language", (f"one of {sorted(LANGUAGE_SCRIPTS)}",
-                                  lambda v: isinstance(v, str) and v in LANGUAGE_SCRIPTS))
+def _words(response: str) -> int:
+    return len(visible_text(response).split())
+
+
+def _includes(response: str, c: dict) -> bool:
+    return c["value"].casefold() in visible_text(response).casefold()
+
+
+def _answer_is_choice_letter(example: Any, response: str, c: dict) -> bool:
+    m = _LETTER_RE.fullmatch((extract_answer(response) or "").strip())
+    n = len(getattr(example, "choices", None) or []) or 26
+    return bool(m) and ord(m.group(1)) - ord("A") < n
+
+
+def _answer_is_number(example: Any, response: str, c: dict) -> bool:
+    return bool(_NUMBER_RE.fullmatch((extract_answer(response) or "").strip().strip("$").strip()))
+
+
 def _language(example: Any, response: str, c: dict) -> bool:
     text = visible_text(response)
     letters = len(_ANY_LETTER.findall(text))
     own = sum(len(_SCRIPTS[s].findall(text)) for s in LANGUAGE_SCRIPTS[c["value"]])
     # A majority, not all: Chinese math answers name their variables in Latin letters.
     return letters > 0 and own / letters > 0.5
+
+
+CONSTRAINT_KINDS: dict[str, Constraint] = {
+    "max_words": Constraint(lambda example, response, c: _words(response) <= c["value"], _COUNT),
+    "min_words": Constraint(lambda example, response, c: _words(response) >= c["value"], _COUNT),
+    "must_include": Constraint(lambda example, response, c: _includes(response, c), _TEXT),
+    "must_not_include": Constraint(lambda example, response, c: not _includes(response, c), _TEXT),
+    "answer_is_choice_letter": Constraint(_answer_is_choice_letter, None),
+    "answer_is_number": Constraint(_answer_is_number, None),
+    "language": Constraint(_language, (f"one of {sorted(LANGUAGE_SCRIPTS)}",
+                                       lambda v: isinstance(v, str) and v in LANGUAGE_SCRIPTS)),
+}
+
+
+def validate_constraint(c: dict) -> None:
+    """Raise ValueError with a clear message unless `c` is a well-formed constraint (data.py calls this on load)."""
+    if not isinstance(c, dict):
+        raise ValueError(f"constraint: must be a dict like {{'kind': 'max_words', 'value': 30}}, got {c!r}")
+    kind = c.get("kind")
+    if not isinstance(kind, str) or kind not in CONSTRAINT_KINDS:
+        raise ValueError(f"constraint.kind: unknown kind {kind!r}{_did_you_mean(kind, CONSTRAINT_KINDS)}; "
+                         f"known: {', '.join(CONSTRAINT_KINDS)}")
+    spec = CONSTRAINT_KINDS[kind]
+    extra = sorted(set(c) - {"kind"} - ({"value"} if spec.value else set()))
+    if extra:
+        raise ValueError(f"constraint {kind}: unexpected key(s) {extra}")
+    if spec.value is not None:
+        what, ok = spec.value
+        if "value" not in c or not ok(c["value"]):
+            raise ValueError(f"constraint {kind}.value: must be {what}, got {c.get('value')!r}")
 
 
 # ---------------------------------------------------------------------------------------------------- hybrid accuracy
