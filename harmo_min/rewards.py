@@ -225,7 +225,8 @@ def register_aspect(name: str, *, group: bool = False) -> Callable:
 
 # ---------------------------------------------------------------------------------------------------- reading the text
 _TAG = re.compile(r"</?(?:think|answer)>", re.I | re.A)  # ASCII case only, as verifier.answer_block
-_THINK_TAG = re.compile(r"</?think>", re.I | re.A)
+_THINK_BLOCK = re.compile(r"<think>.*?(</think>|\Z)", re.I | re.A | re.S)  # \Z: an unclosed block runs to the end,
+# and ends the search there (a lazy <think>.*?</think> alone is quadratic on "<think>" * 50_000)
 
 
 def format_ok(response: str, answer_format: str) -> bool:
@@ -248,15 +249,7 @@ def visible_text(response: str) -> str:
     block = answer_block(response)
     if block is not None:
         return block
-    parts, start, inside = [], 0, False
-    for m in _THINK_TAG.finditer(response):  # one pass: a lazy <think>.*?</think> is quadratic on "<think>" * 50_000
-        closing = m.group()[1] == "/"
-        if inside and closing:
-            inside, start = False, m.end()
-        elif not inside and not closing:
-            parts.append(response[start:m.start()])
-            inside = True
-    return " ".join(parts if inside else parts + [response[start:]])
+    return _THINK_BLOCK.sub(lambda m: " " if m[1] else "", response)  # a closed block leaves a word break
 
 
 # ---------------------------------------------------------------------------------------------------- constraints
