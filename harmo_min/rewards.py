@@ -55,6 +55,7 @@ import difflib
 import importlib
 import math
 import re
+from collections import Counter
 from dataclasses import dataclass, field
 from numbers import Integral, Real
 from typing import Any, Callable, Sequence
@@ -535,11 +536,7 @@ def score_batch(examples: Sequence[Any], groups: Sequence[Sequence[str]], *, len
 # ---------------------------------------------------------------------------------------------------- logging
 def route_counts(groups: Sequence[GroupRewards]) -> dict[str, int]:
     """Responses per accuracy route over a batch; every route present, so log keys stay stable."""
-    counts = dict.fromkeys(ROUTES, 0)
-    for g in groups:
-        for r in g.route:
-            counts[r] = counts.get(r, 0) + 1
-    return counts
+    return {**dict.fromkeys(ROUTES, 0), **Counter(r for g in groups for r in g.route)}
 
 
 def aspect_means(groups: Sequence[GroupRewards]) -> dict[str, float]:
