@@ -28,13 +28,12 @@ confidently wrong no_answer and too_large (a hostile answer that trips a size gu
 (string, unit, a letter gold without option texts); 0.0 with correct=False when we cannot know (gold_unparseable,
 timeout, error): the combiner routes it elsewhere. Only the exact stage comes before the gold-parsing check.
 
-Bounded on any text: every regex is linear-time and the size guards come first. Sympy runs in one persistent
-worker process per calling process, started with os.fork (allowed in daemon and multiprocessing.Pool workers,
-where multiprocessing.Process is not); after `timeout_s` it is SIGKILLed (which stops even a C-level big-integer
-loop, unlike signal.alarm) and the next call forks a new one. Threads share it under a lock, and waiting counts
-against their timeout. `verify_batch(workers=N)` keeps N forked processes alive across calls. A bug hit by hostile
-text becomes reason "error"; what propagates says nothing about the text: OSError (cannot fork or pipe) and
-RuntimeError from verify_batch when a pool worker dies or hangs. Needs os.fork (POSIX).
+Bounded on any text: linear-time regexes, size guards first, and sympy in one persistent worker process per
+calling process, forked with os.fork (allowed in daemon and multiprocessing.Pool workers, unlike
+multiprocessing.Process), SIGKILLed after `timeout_s` (which stops even a C-level big-integer loop, unlike
+signal.alarm) and forked afresh by the next call. Threads share it under a lock; waiting counts against their
+timeout. A bug hit by hostile text becomes reason "error"; what propagates says nothing about the text: OSError
+(cannot fork or pipe) and RuntimeError from verify_batch when a pool worker dies or hangs. Needs os.fork (POSIX).
 
 Left out: matrices, \pm, unit conversion (0.5 m vs 50 cm), degrees vs radians, ratios (1:2), intervals vs
 inequalities (`x > 3` vs `(3, \infty)`), log base conventions (log is natural), number words beyond twelve.
@@ -105,8 +104,7 @@ def verify(response: str, gold: str, *, choices: list[str] | None = None, timeou
 def verify_batch(items: Sequence[tuple[str, str, list[str] | None]], *, workers: int = 0,
                  timeout_s: float = 1.0) -> list[Verdict]:
     """Verdicts for (response, gold[, choices]) items in input order. workers > 0 shares them between this
-    process and that many persistent worker processes (started on first use, reused by later calls), each with
-    its own sympy worker."""
+    process and that many worker processes, started on first use and reused by later calls."""
     if workers <= 0 or len(items) <= 1:
         return _verify_items((items, timeout_s))
     with _pool_lock:
@@ -365,7 +363,6 @@ class _Fail(Exception):
 
 @dataclass
 class _Comparison:
-    """The state of one comparison: its deadline and whether sympy decided part of it."""
     deadline: float  # time.monotonic() by which the whole comparison must be done
     used_sympy: bool = False  # decides the reason: "symbolic" rather than "numeric"
 
