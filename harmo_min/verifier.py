@@ -614,8 +614,10 @@ def _pow(b: sympy.Expr, e: sympy.Expr) -> sympy.Expr:
 
 
 def _small(x: sympy.Expr) -> sympy.Expr:
-    if x.is_Number and x.is_finite and abs(x) > MAX_INT_ARG:
-        raise _Fail("too_large")  # (10!)! and binomial(10^5, 5*10^4)
+    """A factorial / binomial argument: a symbol (n!) or an integer up to MAX_INT_ARG. Any other number is refused:
+    (10!)!, binomial(10^5, 5*10^4) and e!!! (sympy evaluates the gamma function until mpmath overflows)."""
+    if x.is_number and not (x.is_Integer and abs(x) <= MAX_INT_ARG):
+        raise _Fail("too_large")
     return x
 
 
