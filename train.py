@@ -3,6 +3,7 @@
     python train.py                                                     # configs/tiny.yaml: the CPU showcase
     torchrun --nproc_per_node 8 train.py --config configs/qwen2_5_vl_3b.yaml rollout.n=8
     python train.py --config configs/tiny.yaml --resume                 # continue from run_dir's latest checkpoint
+    python train.py --config configs/qwen2_5_vl_3b.yaml --plan --nproc 8   # per-GPU memory plan; nothing loads
 
 One step, as the loop below reads:
   1. prompts     each rank takes its slice of the step's global prompt batch and encodes it once (left padded)
@@ -34,6 +35,7 @@ from pathlib import Path
 
 import torch
 
+from harmo_min import memory
 from harmo_min.config import NOT_EMPTY, above, above_or_null, at_least, in_range, load_config, lr_schedule, one_of
 from harmo_min.data import FORMAT_INSTRUCTIONS, MAX_IMAGE_PIXELS, encode_prompts, iterate_batches, load_examples
 from harmo_min.distributed import (cleanup, export_hf, forward_only, gathered_params, init_distributed,
@@ -141,11 +143,16 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--resume", action="store_true", help="continue from run_dir/checkpoints/latest")
     parser.add_argument("--overwrite", action="store_true", help="delete an earlier run's files in run_dir first")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. rollout.n=8 optim.lr=1e-6")
+    memory.add_arguments(parser)
     args = parser.parse_args(argv)
 
     # ---- set-up: every check before any model loads ----------------------------------------------------------
     cfg = load_config(args.config, args.overrides, defaults=GRPO_DEFAULTS, open_keys=OPEN_KEYS, rules=RULES)
     world_size = int(os.environ.get("WORLD_SIZE", 1))
+    if args.plan:  # the per-GPU memory plan alone (harmo_min/memory.py): nothing is loaded or allocated
+        print(memory.plan(cfg, world_size=args.nproc or world_size, gpu_gb=args.gpu_gb, config_name=args.config,
+                          prompt_tokens=args.prompt_tokens, image_tokens=args.image_tokens).table())
+        return []
     reward_cfg = check_config(cfg, world_size)
     run_dir = Path(cfg["run_dir"])
     earlier = check_run_dir(run_dir, resume=args.resume, overwrite=args.overwrite)
