@@ -123,7 +123,7 @@ def run_train(out: Path, folder: Path, args, device: torch.device) -> dict:
         raise SystemExit(f"train.py logged steps {[m['step'] for m in metrics]}, expected 1..{args.steps}")
     timed = metrics[1:] or metrics  # the first step compiles kernels and grows the allocator's pool
     mean = lambda key: sum(m.get(key, 0.0) for m in timed) / len(timed)  # noqa: E731
-    tokens = mean("tokens_per_s") * mean("step_time_s")  # prompt + response tokens of the step
+    tokens = sum(m["tokens_per_s"] * m["step_time_s"] for m in timed) / len(timed)  # prompt + response tokens
     response_tokens = args.prompts * args.n * mean("response_length")
     result = {"wall_s": round(wall, 1), "steps": len(metrics), "step_time_s": round(mean("step_time_s"), 3),
               **{k: round(mean(k), 3) for k in metrics[-1] if k.startswith("time/")},
