@@ -192,18 +192,18 @@ def plan(cfg: dict, *, world_size: int, gpu_gb: float = 80.0, prompt_tokens: int
     act = dict(rows=min(b, prompts * n), seq=seq, resp=resp, patches=patches)
     unit = max(arch.vision, arch.layer)
     p = Plan([f"memory plan per GPU: {config_name or 'config'} on {W} rank(s) of {gpu_gb:g} GB",
-              f"policy {arch.name}: {_count(arch.params)} parameters ({_count(arch.vision)} vision); "
-              f"compute {str(dtype).removeprefix('torch.')}",
-              f"assumed: prompts of {prompt_tokens} tokens ({image_tokens} image tokens), responses of {resp}; "
-              f"rollout {prompts} prompts x {n} = {prompts * n} rows; micro-batches of {act['rows']} rows, "
-              f"{images} image(s); activation checkpointing {'on' if ckpt else 'off'}"], gpu_gb=gpu_gb)
+              f"policy: {arch.name}",
+              f"        {_count(arch.params)} parameters ({_count(arch.vision)} vision), compute {str(dtype)[6:]}",
+              f"assumed: prompts of {prompt_tokens} tokens ({image_tokens} image tokens), responses of {resp} tokens",
+              f"rollout: {prompts} prompts x {n} = {prompts * n} rows; update: micro-batches of {act['rows']} rows, "
+              f"{images} image(s), activation checkpointing {'on' if ckpt else 'off'}"], gpu_gb=gpu_gb)
     p.rows += [(f"master weights (fp32, 1/{W})", 4 * arch.params // W, "always"),
                (f"AdamW state (fp32, 1/{W})", 8 * arch.params // W, "always")]
     if g["kl_coef"] > 0:
         p.rows.append((f"reference (kl_coef {g['kl_coef']:g}, 1/{W})", c * arch.params // W, "always"))
     if cfg["reward_model"]["path"]:
         rm = Arch.of(cfg["reward_model"]["path"], "reward_model.path")
-        p.title.insert(2, f"reward model {rm.name}: {_count(rm.backbone)} parameters, one copy per GPU")
+        p.title[3:3] = [f"reward model: {rm.name}", f"        {_count(rm.backbone)} parameters, one copy per GPU"]
         p.rows.append(("reward model (full copy)", c * rm.backbone, "always"))
     kv = kv_cache_bytes(arch, c, rows=prompts * n, positions=seq)
     p.rows += [("rollout weights (gathered, full)", c * arch.params, "rollout"),
