@@ -3,6 +3,7 @@
     python train.py                                                     # configs/tiny.yaml: the CPU showcase
     torchrun --nproc_per_node 8 train.py --config configs/qwen2_5_vl_3b.yaml rollout.n=8
     python train.py --config configs/tiny.yaml --resume                 # continue from run_dir's latest checkpoint
+    python train.py --config configs/qwen2_5_vl_3b.yaml --plan --nproc 8   # per-GPU memory plan; nothing loads
 
 One step, as the loop below reads:
   1. prompts     each rank takes its slice of the step's global prompt batch and encodes it once (left padded)
@@ -33,6 +34,7 @@ from pathlib import Path
 
 import torch
 
+from harmo_min import memory
 from harmo_min.config import (NOT_EMPTY, above, above_or_null, at_least, in_range, load_config, lr_schedule, one_of,
                               parse_run_args)
 from harmo_min.data import FORMAT_INSTRUCTIONS, MAX_IMAGE_PIXELS, encode_prompts, iterate_batches, load_examples
@@ -140,11 +142,16 @@ def groups_of(values: list, n: int) -> list[list]:
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
-    args = parse_run_args(argv, description=__doc__.split("\n\n")[0], default_config="configs/tiny.yaml")
+    args = parse_run_args(argv, description=__doc__.split("\n\n")[0], default_config="configs/tiny.yaml",
+                          add_arguments=memory.add_arguments)
 
     # ---- set-up: every check before any model loads ----------------------------------------------------------
     cfg = load_config(args.config, args.overrides, defaults=GRPO_DEFAULTS, open_keys=OPEN_KEYS, rules=RULES)
     world_size = int(os.environ.get("WORLD_SIZE", 1))
+    if args.plan:  # the per-GPU memory plan alone (harmo_min/memory.py): nothing is loaded or allocated
+        print(memory.plan(cfg, world_size=args.nproc or world_size, gpu_gb=args.gpu_gb, config_name=args.config,
+                          prompt_tokens=args.prompt_tokens, image_tokens=args.image_tokens).table())
+        return []
     reward_cfg = check_config(cfg, world_size)
     run_dir = Path(cfg["run_dir"])
     earlier = check_run_dir(run_dir, resume=args.resume, overwrite=args.overwrite)
