@@ -20,8 +20,9 @@ rollout rows, b = micro_batch_size rows, S = prompt + max_new_tokens positions, 
     FSDP units        c(root + 2u) + (c + 4)u     the root unit (embeddings, lm_head) stays gathered through the
                                           update; the largest unit u and the one prefetched; u's gradient in c and
                                           in fp32 for the reduce-scatter
-    logits            2·b·R·V·c + 4·min(1024, bR)·V·4     the model's logits and grpo.TokenLogProb's copy (then
-                                          that copy and its gradient), and its float32 chunks (x, exp, product, grad)
+    logits            2·b·R·V·c + 4·min(1024, bR)·V·4     the model's logits for the R response positions, which
+                                          grpo.TokenLogProb keeps, and in backward their gradient; its float32 chunks
+                                          (x, exp, product, grad)
     activations       b·S·(layers·a + e) + p·(depth·a_v + e_v)           without checkpointing
                       b·S·(layers·ch + S + e) + p·(depth·ch_v + e_v) + max(b·S·a, p·a_v)      with: each layer's
                                           input and the bool mask are kept; one layer is recomputed at a time

@@ -143,7 +143,7 @@ def test_activation_and_logits_bytes_match_what_autograd_keeps(arch, micro_batch
     vocab, c = model.config.text_config.vocab_size, 2
     measured, per_layer, logits = _saved(model, x, checkpointing)
     assert logits == b * resp * vocab * c  # TokenLogProb keeps one model-dtype copy of the response logits
-    # The plan counts it twice (forward: the model's output and the copy; backward: the copy and its gradient).
+    # The plan counts it twice: in backward the kept logits and their gradient are alive together.
     assert memory.logits_bytes(arch, c, rows=b, resp=resp) == 2 * logits + 4 * b * resp * vocab * 4
     planned = memory.activation_bytes(arch, c, rows=b, seq=seq, resp=resp, patches=patches, checkpointing=checkpointing)
     s = memory.saved_bytes(arch, c, seq)
