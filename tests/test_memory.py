@@ -6,7 +6,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import DynamicCache
 
 import train
 from harmo_min import memory
@@ -15,7 +14,7 @@ from harmo_min.data import encode_prompts
 from harmo_min.distributed import apply_fsdp, cleanup, gathered_params, init_distributed
 from harmo_min.grpo import token_logprobs, training_inputs
 from harmo_min.model import build_tiny
-from harmo_min.rollout import decode_one, prefill, sample
+from harmo_min.rollout import StaticKVCache, decode_one, prefill, sample
 from harmo_min.synthetic import synthetic_examples
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -70,14 +69,16 @@ def test_kv_cache_bytes_match_a_real_cache_after_prefill_and_decode(arch):
     model = model.to(torch.bfloat16)
     prompts = encode_prompts(processor, synthetic_examples(3, seed=0))
     prompts["pixel_values"] = prompts["pixel_values"].to(torch.bfloat16)
-    cache = DynamicCache(config=model.config)
-    logits, deltas = prefill(model, prompts, cache)
-    mask = prompts["attention_mask"]
-    for _ in range(5):
-        mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], 1)
-        logits = decode_one(model, logits.argmax(-1), mask, deltas, cache)
-    real = sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
-    rows, positions = mask.shape
+    logits, deltas, prompt_cache = prefill(model, prompts)
+    n, new_tokens = 2, 6
+    cache = StaticKVCache(prompt_cache, prompts["attention_mask"], n=n, length=prompts["input_ids"].shape[1] + new_tokens,
+                          boolean_mask=True)
+    position = prompts["attention_mask"].sum(-1, keepdim=True).repeat_interleave(n, 0) + deltas.repeat_interleave(n, 0)
+    for t in range(new_tokens):
+        logits = decode_one(model, logits.argmax(-1).repeat_interleave(n, 0) if t == 0 else logits.argmax(-1),
+                            position + t, cache)
+    real = sum(t.numel() * t.element_size() for t in cache.keys + cache.values)
+    rows, positions = cache.mask.shape
     assert real == memory.kv_cache_bytes(arch, 2, rows=rows, positions=positions)
 
 
