@@ -57,6 +57,7 @@ the original Geometry3K folder layout (one data.json per problem folder).
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
 from dataclasses import dataclass, field
@@ -126,7 +127,8 @@ def read_records(path: Path, limit: int | None = None) -> list[tuple[str, str | 
     """(where, key, record, image root) from a JSON list, a JSON object of records keyed by id (key set), JSONL,
     or a table (`harmo_min.data.table_files`); the first `limit` records if given."""
     if is_table(str(path)):
-        return [(where, None, row, file.parent) for where, file, row in read_table(table_files(path), limit=limit)]
+        rows = itertools.islice(read_table(table_files(path)), limit)
+        return [(where, None, row, file.parent) for where, file, row in rows]
     if not path.is_file():
         raise DataError(f"{path}: no such file")
     text = read_text(path)

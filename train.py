@@ -3,6 +3,7 @@
     python train.py                                                     # configs/tiny.yaml: the CPU showcase
     torchrun --nproc_per_node 8 train.py --config configs/qwen2_5_vl_3b.yaml rollout.n=8
     python train.py --config configs/tiny.yaml --resume                 # continue from run_dir's latest checkpoint
+    python train.py --config configs/qwen2_5_vl_3b.yaml --plan --nproc 8   # per-GPU memory plan; nothing loads
 
 One step, as the loop below reads:
   1. prompts     each rank takes its slice of the step's global prompt batch and encodes it once (left padded)
@@ -33,6 +34,7 @@ from pathlib import Path
 
 import torch
 
+from harmo_min import memory
 from harmo_min.config import (NOT_EMPTY, above, above_or_null, at_least, in_range, load_config, lr_schedule, one_of,
                               parse_run_args)
 from harmo_min.data import FORMAT_INSTRUCTIONS, MAX_IMAGE_PIXELS, encode_prompts, iterate_batches, load_examples
@@ -68,7 +70,8 @@ GRPO_DEFAULTS = {
         "image_size": 112,
         "answer_format": "think_answer",  # the prompt's instruction and the format reward: think_answer | boxed | bare
     },
-    "rollout": {"n": 8, "max_new_tokens": 256, "temperature": 1.0, "top_p": 1.0, "top_k": 0},
+    "rollout": {"n": 8, "max_new_tokens": 256, "temperature": 1.0, "top_p": 1.0, "top_k": 0,
+                "compile": False},           # torch.compile the decode step (CUDA graphs on a GPU); see rollout.py
     "reward": {},                     # rewards.RewardConfig keys (weights, combine, min_confidence, plugins, ...)
     "reward_model": {
         "path": None,                 # a folder from train_reward_model.py, or a Skywork-VL-Reward folder
@@ -139,11 +142,16 @@ def groups_of(values: list, n: int) -> list[list]:
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
-    args = parse_run_args(argv, description=__doc__.split("\n\n")[0], default_config="configs/tiny.yaml")
+    args = parse_run_args(argv, description=__doc__.split("\n\n")[0], default_config="configs/tiny.yaml",
+                          add_arguments=memory.add_arguments)
 
     # ---- set-up: every check before any model loads ----------------------------------------------------------
     cfg = load_config(args.config, args.overrides, defaults=GRPO_DEFAULTS, open_keys=OPEN_KEYS, rules=RULES)
     world_size = int(os.environ.get("WORLD_SIZE", 1))
+    if args.plan:  # the per-GPU memory plan alone (harmo_min/memory.py): nothing is loaded or allocated
+        print(memory.plan(cfg, world_size=args.nproc or world_size, gpu_gb=args.gpu_gb, config_name=args.config,
+                          prompt_tokens=args.prompt_tokens, image_tokens=args.image_tokens).table())
+        return []
     reward_cfg = check_config(cfg, world_size)
     run_dir = Path(cfg["run_dir"])
     earlier = check_run_dir(run_dir, resume=args.resume, overwrite=args.overwrite)
@@ -158,7 +166,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     policy, processor = load_model_sharded(m["path"], world, seed=cfg["seed"], dtype=torch.float32,
                                            compute_dtype=compute_dtype, attn_implementation=m["attn_implementation"])
     if m["activation_checkpointing"]:
-        policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        policy.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     ref_model = None
     if g["kl_coef"] > 0:
         ref_model, _ = load_model_sharded(m["path"], world, seed=cfg["seed"], dtype=compute_dtype,
@@ -197,7 +205,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
             policy.eval()
             with gathered_params(policy):
                 rollout = sample(policy, prompts, n=n, max_new_tokens=r["max_new_tokens"], temperature=r["temperature"],
-                                 top_p=r["top_p"], top_k=r["top_k"], generator=generator, tokenizer=processor.tokenizer)
+                                 top_p=r["top_p"], top_k=r["top_k"], generator=generator, tokenizer=processor.tokenizer,
+                                 compile=r["compile"])
             policy.train()
 
         # 3. rewards: reward-model scores for open / low-confidence items, then every aspect of every response

@@ -146,7 +146,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     del backbone  # its LM head is not part of the reward model
     rm.set_backbone_trainable(not m["freeze_backbone"])
     if m["activation_checkpointing"]:
-        rm.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        rm.model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     rm = apply_fsdp(rm, world, compute_dtype=resolve_dtype(m["compute_dtype"], world.device))
     params = [p for p in rm.parameters() if p.requires_grad]
     # No weight decay on biases and norm gains: decaying them towards 0 only fights the fit.

@@ -158,17 +158,17 @@ def load_config(path: str | os.PathLike | None, overrides: list[str], *, default
 
 
 def parse_run_args(argv: list[str] | None, *, description: str, default_config: str,
-                   flags: dict[str, str] | None = None) -> argparse.Namespace:
+                   add_arguments: Callable[[argparse.ArgumentParser], None] | None = None) -> argparse.Namespace:
     """The command line every training script shares: --config FILE, --resume, --overwrite, dotted overrides, plus
-    `flags` ({"--plan": "help"}: more on/off switches)."""
+    what `add_arguments(parser)` adds (train.py's memory-plan flags)."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--config", default=default_config, help=f"YAML config (default: {default_config})")
     parser.add_argument("--resume", action="store_true", help="continue from run_dir/checkpoints/latest")
     parser.add_argument("--overwrite", action="store_true", help="delete an earlier run's files in run_dir first")
-    for flag, text in (flags or {}).items():
-        parser.add_argument(flag, action="store_true", help=text)
+    if add_arguments is not None:
+        add_arguments(parser)
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. rollout.n=8 optim.lr=1e-6")
-    return parser.parse_args(argv)
+    return parser.parse_intermixed_args(argv)  # flags may follow the overrides
 
 
 def lr_schedule(cfg: dict):

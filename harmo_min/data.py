@@ -1,70 +1,32 @@
-r"""Examples; the validated loaders (the project's JSONL, downloaded parquet / arrow datasets, preference pairs);
-image checks; batching; prompt building; and `python -m harmo_min.data convert`.
-
-An `Example` is one prompt of a GRPO batch:
+r"""Training data: `Example`, the validated loaders (the project's JSONL, the hub's parquet / arrow tables,
+preference pairs), image checks, batching, prompt building, and `python -m harmo_min.data convert`.
 
     Example(id="count-3", problem="How many circles are in the image?", images=[<PIL.Image>], answer="3")
 
-* `task` is "verifiable" (has a gold `answer`; the rule verifier scores it) or "open" (no gold; the reward model
-  scores it). It is inferred from `answer` when absent.
-* `constraints` are instruction-adherence checks (`{"kind": "max_words", "value": 30}`, see rewards.py).
-* `messages` (chat turns ending with a user turn) may replace `problem`; images are then the `{"type": "image"}`
-  parts, in order.
-* `images` hold file paths, PIL images, or `EncodedImage`s (the compressed bytes of an image embedded in a parquet
-  or arrow file). `load_images` decodes them when a batch is encoded, on the rank that encodes it: a dataset never
-  sits in memory decoded.
+An Example's `task` is "verifiable" (a gold `answer`, scored by the rule verifier) or "open" (scored by the reward
+model), inferred from `answer`. `messages` (chat turns ending with a user turn; images are its `{"type": "image"}`
+parts, in order) may replace `problem`; `constraints` are instruction checks (rewards.py). `images` hold paths, PIL
+images or `EncodedImage`s (a table's compressed bytes), decoded per batch by `load_images`, never kept decoded.
 
-Training data, `load_examples(source)`:
-* The project's JSONL (`*.jsonl`): one record per line with the field names above; `images` are paths relative to
-  the file (or to `image_root`). A bad record raises `DataError("file.jsonl:12: field 'answer': ...")`.
-* A table as the hub and `datasets` ship one: a `.parquet` file; a folder of parquet shards
-  (`data/train-00000-of-00002.parquet`; a folder holding several splits must be narrowed to one, as a glob:
-  `geo3k/data/train-*.parquet`); a glob; an `.arrow` file; or a folder written by `datasets.save_to_disk` (its
-  `state.json` lists the shards). An image cell may be encoded bytes, a `{bytes, path}` struct (the `datasets.Image`
-  feature; bytes win) or a path (relative to the file's folder, or to `image_root`); a cell may hold one image or a
-  list. Errors name `file:row N: field 'column'`. Columns map to fields by `fields` (config `data.fields`):
+Rules (the README's Data section is the user manual):
+* The project's JSONL uses the Example field names, keeps its answers exactly as written, and reads image paths
+  relative to the file (or `image_root`).
+* A table is a .parquet or .arrow file, a glob, a folder of one split's shards, or a `save_to_disk` folder. Each
+  field is read from the column `fields` names (config `data.fields`; a dotted name reads inside a struct), else
+  from the first present of `DEFAULT_FIELDS`; no id column: the row number. `<image>` placeholders are removed from
+  the problem (the chat template puts the images first). An image cell is encoded bytes, a `{bytes, path}` struct
+  (bytes win) or a path (relative to the file's folder, or `image_root`); one image or a list.
+* A table's gold is what `verifier.extract_answer` reads from the answer cell (the last <answer>, else the last
+  \boxed{}, else "the answer is ...", else a short one-line answer; `$...$` unwrapped), else a one-line answer as
+  written; a multi-line solution, or a \boxed{} / <answer> it cannot read, is an error. Numbers go through `str`.
+* Every image is opened at load, and fully decoded on this rank's share (record i with i % world_size == rank): a
+  truncated JPEG passes PIL's `verify()` and fails only on a decode. One over `max_image_pixels` is downscaled
+  once, aspect kept (a JPEG stays JPEG, else PNG), alike on every rank; one over PIL's bomb limit is an error.
+* A bad record, row, file or image is a `DataError` naming the file, line or row, and field.
 
-      field    default columns, the first present wins    notes
-      id       id, qid, pid, sample_index                 none present: the row number
-      problem  problem, question                          `<image>` placeholders are removed: the chat template
-                                                          puts the images before the text
-      answer   answer, solution                           reduced to the gold by the rule below; null: no gold,
-                                                          every item is open (scored by the reward model)
-      images   images, decoded_image, image               null: text-only prompts
-
-  Naming a column overrides the default (`{"answer": "solution"}`); a dotted name reads inside a struct column
-  (`reward_model.ground_truth`). This fits geometry3k as EasyR1 uses it (images, problem, answer), MMK12 (id,
-  question, image, answer), ViRL39K (qid, question, image paths, answer `\boxed{...}`), ThinkLite-VL, MathVista's
-  testmini parquet (pid, question, decoded_image, answer) and MathVerse (sample_index, question, image, answer).
-
-Gold answers from tables: a string answer becomes what `verifier.extract_answer` (the verifier's own extraction)
-reads from it: the last <answer>...</answer>, else the last \boxed{}, else the last "the answer is ..." phrase,
-else a short one-line answer itself, `$...$` unwrapped (`\boxed{12}` -> `12`, a worked solution ending "so the answer
-is $\boxed{12}$." -> `12`). A one-line answer it reads nothing from (a long name or phrase) is the gold as written;
-a multi-line solution, or one with a \boxed{} or <answer> that cannot be read, is an error naming the row. Numbers
-are written with `str`. (The project's JSONL keeps its answers exactly as written.)
-
-Images are checked at load, before training starts: every image is opened, and fully decoded (a truncated JPEG or
-a PNG with a broken stream passes PIL's `verify()` and fails only on a decode), so a bad one is a `DataError`
-naming file, line or row, and field, not an `OSError` at step 8. An image larger than `max_image_pixels`
-[2048 x 2048 = 4,194,304, the cap EasyR1 and verl apply] is downscaled once at load (aspect kept; re-encoded as JPEG
-if it was one, else PNG) and a log line says how many and which; one beyond PIL's decompression-bomb limit (about
-179 M pixels) is an error. With `rank` / `world_size`, a rank fully decodes only its share of the images (record
-i with i % world_size == rank) and opens the rest for their size alone, so every rank downscales the same images;
-a rank that finds a bad image raises, and torchrun stops the others.
-
-Preference pairs (the reward-model stage's data) are JSONL records `{"id", "prompt" | "messages", "images",
-"chosen", "rejected", "aspect"?, "chosen_ratings"?, "rejected_ratings"?}`, validated the same way. The built-in
-synthetic tasks and pairs live in synthetic.py.
-
-Prompts are built with the processor's chat template and encoded **once** into left-padded tensors that both the
-sampler and the training forward reuse.
-
-    python -m harmo_min.data convert IN OUT.jsonl [--field problem=question] [--image-root DIR]
-
-writes any of the layouts above as the project's JSONL; embedded images become files in `OUT_images/`.
-
-Reading parquet / arrow needs pyarrow, an optional extra (`pip install -e ".[data]"`).
+Public API: `load_examples` (-> `load_jsonl` | `load_table`), `load_preference_jsonl`, `load_images`,
+`iterate_batches`, `build_messages`, `encode_prompts`, `convert` (`python -m harmo_min.data convert IN OUT.jsonl`).
+Synthetic tasks and pairs live in synthetic.py. Tables need pyarrow, an optional extra (`pip install -e ".[data]"`).
 Left out: video, multi-turn rollouts, streaming (a table's compressed images are held in memory, about the size
 of its files, on every rank), verl's parquet layout (a `prompt` column of chat turns), EXIF orientation.
 """
@@ -74,6 +36,7 @@ from __future__ import annotations
 import argparse
 import glob
 import io
+import itertools
 import json
 import logging
 import math
@@ -84,7 +47,7 @@ import sys
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Literal, Sequence
+from typing import Any, Iterable, Iterator, Literal, Sequence
 
 from PIL import Image
 
@@ -107,15 +70,12 @@ assert tuple(FORMAT_INSTRUCTIONS) == ANSWER_FORMATS  # one list of answer format
 # #11; benchmarks/bench_data.py measures it).
 MAX_IMAGE_PIXELS = 2048 * 2048
 
-# Table columns each field is read from by default, first present wins (see the module docstring).
+# Table columns each field is read from by default, first present wins.
 DEFAULT_FIELDS: dict[str, tuple[str, ...]] = {
-    "id": ("id", "qid", "pid", "sample_index"),
-    "problem": ("problem", "question"),
-    "answer": ("answer", "solution"),
-    "images": ("images", "decoded_image", "image"),
+    "id": ("id", "qid", "pid", "sample_index"), "problem": ("problem", "question"),
+    "answer": ("answer", "solution"), "images": ("images", "decoded_image", "image"),
 }
 TABLE_SUFFIXES = (".parquet", ".arrow")
-ROLES = ("system", "user", "assistant")
 
 
 class DataError(ValueError):
@@ -156,18 +116,11 @@ class Example:
             raise DataError(f"example {self.id!r}: field 'answer': a verifiable example needs a gold answer")
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Loading training data in any layout
-# ---------------------------------------------------------------------------------------------------------------
-
 def load_examples(source: str | os.PathLike, *, fields: dict[str, str | None] | None = None,
                   image_root: str | os.PathLike | None = None, check_images: bool = True,
                   max_image_pixels: int | None = MAX_IMAGE_PIXELS, rank: int = 0, world_size: int = 1) -> list[Example]:
-    """Every example of a JSONL file or a table (parquet / arrow / save_to_disk), validated; see the module docstring.
-
-    `fields` maps Example fields to table columns (config `data.fields`); `check_images=False` trusts the images
-    (no decode, no size cap); `rank` / `world_size` split the full image decode between ranks.
-    """
+    """Every example of the project's JSONL or a table, validated. `fields`: config `data.fields`;
+    `check_images=False` trusts the images (no decode, no cap); rank i of `world_size` fully decodes its share."""
     if not 0 <= rank < world_size:
         raise ValueError(f"load_examples: need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
     kwargs = dict(image_root=image_root, check_images=check_images, max_image_pixels=max_image_pixels, rank=rank,
@@ -180,9 +133,7 @@ def load_examples(source: str | os.PathLike, *, fields: dict[str, str | None] | 
     return load_table(source, fields=fields, **kwargs)
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# The project's JSONL
-# ---------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------- the project's JSONL
 
 _FIELD_TYPES: dict[str, tuple[type, ...]] = {
     "id": (str, int), "problem": (str,), "messages": (list,), "images": (list,), "answer": (str, int, float),
@@ -196,15 +147,8 @@ def load_jsonl(path: str | os.PathLike, *, check_images: bool = True, max_image_
     path = Path(path)
     root = Path(image_root).expanduser() if image_root is not None else path.parent
     check = ImageCheck(max_image_pixels, decode=check_images)
-    examples, seen = [], {}
-    for index, (where, record) in enumerate(read_jsonl(path)):
-        example = parse_record(record, where, root, check, validate_constraint, full=index % world_size == rank)
-        if example.id in seen:
-            raise DataError(f"{where}: field 'id': duplicate id {example.id!r} (first at {seen[example.id]})")
-        seen[example.id] = where
-        examples.append(example)
-    if not examples:
-        raise DataError(f"{path}: no records")
+    examples = _unique_ids(((where, parse_record(record, where, root, check, full=index % world_size == rank))
+                            for index, (where, record) in enumerate(read_jsonl(path))), "id", path)
     check.report(rank)
     return examples
 
@@ -242,18 +186,9 @@ def read_jsonl(path: str | os.PathLike) -> Iterator[tuple[str, dict]]:
         yield where, record
 
 
-def parse_record(record: dict, where: str, root: Path, check: ImageCheck, validate_constraint, *,
-                 full: bool = True) -> Example:
+def parse_record(record: dict, where: str, root: Path, check: ImageCheck, *, full: bool = True) -> Example:
     """One JSONL record -> Example, every field checked; images opened by `check` (decoded fully when `full`)."""
-    unknown = set(record) - set(_FIELD_TYPES)
-    if unknown:
-        raise DataError(f"{where}: unknown field(s) {sorted(unknown)}; expected some of {sorted(_FIELD_TYPES)}")
-    if "id" not in record:
-        raise DataError(f"{where}: field 'id': missing")
-    for key, value in record.items():
-        if value is not None and not isinstance(value, _FIELD_TYPES[key]) or isinstance(value, bool):
-            names = "/".join(t.__name__ for t in _FIELD_TYPES[key])
-            raise DataError(f"{where}: field '{key}': expected {names}, got {type(value).__name__}")
+    _check_types(record, where, _FIELD_TYPES, required=("id",), nullable=True)
     if ("problem" in record) == ("messages" in record):
         raise DataError(f"{where}: field 'problem': give exactly one of 'problem' or 'messages'")
     if record.get("task") not in (None, "verifiable", "open"):
@@ -271,10 +206,10 @@ def parse_record(record: dict, where: str, root: Path, check: ImageCheck, valida
             raise DataError(f"{where}: field 'constraints[{i}]': {err}") from None
     images = []
     for i, item in enumerate(record.get("images") or []):
+        at = f"{where}: field 'images[{i}]'"
         if not isinstance(item, str) or not item:
-            raise DataError(f"{where}: field 'images[{i}]': expected a path string, got {item!r:.60}")
-        images.append(check(image_value(item, f"{where}: field 'images[{i}]'", root), f"{where}: field 'images[{i}]'",
-                            full=full))
+            raise DataError(f"{at}: expected a path string, got {item!r:.60}")
+        images.append(check(image_value(item, at, root), at, full=full))
     if record.get("messages") is not None and n_placeholders != len(images):
         raise DataError(f"{where}: field 'images': {len(images)} image(s) but {n_placeholders} image part(s) in "
                         f"messages")
@@ -293,7 +228,7 @@ def check_messages(messages: list, where: str) -> int:
     n_images = 0
     for i, message in enumerate(messages):
         at = f"{where}: field 'messages[{i}]"
-        if not isinstance(message, dict) or message.get("role") not in ROLES:
+        if not isinstance(message, dict) or message.get("role") not in ("system", "user", "assistant"):
             raise DataError(f"{at}': expected {{'role': system|user|assistant, 'content': ...}}")
         if "content" not in message:
             raise DataError(f"{at}.content': missing")
@@ -314,9 +249,35 @@ def check_messages(messages: list, where: str) -> int:
     return n_images
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Tables: parquet, arrow, save_to_disk folders
-# ---------------------------------------------------------------------------------------------------------------
+def _check_types(record: dict, where: str, types: dict[str, tuple[type, ...]], *, required: Sequence[str],
+                 nullable: bool) -> None:
+    """Unknown, missing and wrongly typed fields of one JSONL record (a bool is not an int here)."""
+    unknown = set(record) - set(types)
+    if unknown:
+        raise DataError(f"{where}: unknown field(s) {sorted(unknown)}; expected some of {sorted(types)}")
+    for key in required:
+        if key not in record:
+            raise DataError(f"{where}: field '{key}': missing")
+    for key, value in record.items():
+        if not (nullable and value is None) and not isinstance(value, types[key]) or isinstance(value, bool):
+            names = "/".join(t.__name__ for t in types[key])
+            raise DataError(f"{where}: field '{key}': expected {names}, got {type(value).__name__}")
+
+
+def _unique_ids(items: Iterable[tuple[str, Example | PreferencePair]], id_field: str | None, source) -> list:
+    """The items of (where, item) in order; an id seen before, or no items at all, is a DataError."""
+    kept, seen = [], {}
+    for where, item in items:
+        if item.id in seen:
+            raise DataError(f"{where}: field '{id_field}': duplicate id {item.id!r} (first at {seen[item.id]})")
+        seen[item.id] = where
+        kept.append(item)
+    if not kept:
+        raise DataError(f"{source}: no records")
+    return kept
+
+
+# ------------------------------------------------------------------------ tables: parquet, arrow, save_to_disk folders
 
 # The hub's shard names: train-00000-of-00002.parquet (MathVista adds a hash: testmini-00000-of-00001-a1b2.parquet).
 SHARD_NAME = re.compile(r"^(?P<split>.+?)-(?P<index>\d{5})-of-(?P<count>\d{5})(?:-[0-9a-f]+)?\.(?:parquet|arrow)$")
@@ -326,22 +287,18 @@ def load_table(source: str | os.PathLike, *, fields: dict[str, str | None] | Non
                image_root: str | os.PathLike | None = None, check_images: bool = True,
                max_image_pixels: int | None = MAX_IMAGE_PIXELS, rank: int = 0, world_size: int = 1,
                limit: int | None = None) -> list[Example]:
-    """Every row of a parquet / arrow table as an Example (the first `limit` rows if given); see the module doc."""
+    """Every row of a parquet / arrow table as an Example (the first `limit` rows if given)."""
     files = table_files(source)
     mapping = resolve_fields(fields, table_columns(files[0]), str(files[0]))
     columns = sorted({column.split(".")[0] for column in mapping.values() if column is not None})
     check = ImageCheck(max_image_pixels, decode=check_images)
-    examples, seen = [], {}
-    for index, (where, file, row) in enumerate(read_table(files, columns, limit=limit)):
-        root = Path(image_root).expanduser() if image_root is not None else file.parent
-        example = _table_example(row, where, root, mapping, index, check, full=index % world_size == rank)
-        if example.id in seen:
-            raise DataError(f"{where}: field '{mapping['id']}': duplicate id {example.id!r} "
-                            f"(first at {seen[example.id]})")
-        seen[example.id] = where
-        examples.append(example)
-    if not examples:
-        raise DataError(f"{source}: no rows")
+
+    def rows() -> Iterator[tuple[str, Example]]:
+        for index, (where, file, row) in enumerate(itertools.islice(read_table(files, columns), limit)):
+            root = Path(image_root).expanduser() if image_root is not None else file.parent
+            yield where, _table_example(row, where, root, mapping, index, check, full=index % world_size == rank)
+
+    examples = _unique_ids(rows(), mapping["id"], source)
     check.report(rank)
     return examples
 
@@ -349,31 +306,30 @@ def load_table(source: str | os.PathLike, *, fields: dict[str, str | None] | Non
 def table_files(source: str | os.PathLike) -> list[Path]:
     """The data files of a table: a .parquet/.arrow file, a glob, a folder of shards, or a save_to_disk folder."""
     text = os.path.expanduser(str(source))
+    path = Path(text)
     if any(c in text for c in "*?["):
         files = sorted(Path(p) for p in glob.glob(text, recursive=True) if Path(p).suffix in TABLE_SUFFIXES)
         if not files:
             raise DataError(f"{source}: no .parquet or .arrow files match")
+    elif path.is_file():
+        if path.suffix not in TABLE_SUFFIXES:
+            raise DataError(f"{path}: not a table file (expected .parquet or .arrow; the project's own format is "
+                            f".jsonl)")
+        return [path]
+    elif not path.is_dir():
+        raise DataError(f"{path}: no such file or folder")
+    elif (path / "dataset_dict.json").is_file():
+        splits = _read_json(path / "dataset_dict.json").get("splits", [])
+        raise DataError(f"{path}: a DatasetDict saved with save_to_disk, splits {splits}: give one split's folder, "
+                        f"e.g. {path / (splits[0] if splits else 'train')}")
+    elif (path / "state.json").is_file():  # datasets.save_to_disk: state.json lists the arrow shards in order
+        files = [path / entry["filename"] for entry in _read_json(path / "state.json").get("_data_files", [])
+                 if isinstance(entry, dict) and isinstance(entry.get("filename"), str)]
+        missing = [f.name for f in files if not f.is_file()]
+        if not files or missing:
+            raise DataError(f"{path}/state.json: names no data files, or missing ones: {missing}")
+        return files
     else:
-        path = Path(text)
-        if path.is_file():
-            if path.suffix not in TABLE_SUFFIXES:
-                raise DataError(f"{path}: not a table file (expected .parquet or .arrow; the project's own format is "
-                                f".jsonl)")
-            return [path]
-        if not path.is_dir():
-            raise DataError(f"{path}: no such file or folder")
-        if (path / "dataset_dict.json").is_file():
-            splits = _read_json(path / "dataset_dict.json").get("splits", [])
-            raise DataError(f"{path}: a DatasetDict saved with save_to_disk, splits {splits}: give one split's folder, "
-                            f"e.g. {path / (splits[0] if splits else 'train')}")
-        if (path / "state.json").is_file():  # datasets.save_to_disk: state.json lists the arrow shards in order
-            state = _read_json(path / "state.json")
-            files = [path / entry["filename"] for entry in state.get("_data_files", [])
-                     if isinstance(entry, dict) and isinstance(entry.get("filename"), str)]
-            missing = [f.name for f in files if not f.is_file()]
-            if not files or missing:
-                raise DataError(f"{path}/state.json: names no data files, or missing ones: {missing}")
-            return files
         files = sorted(p for p in path.rglob("*") if p.suffix in TABLE_SUFFIXES and p.is_file())
         if not files:
             raise DataError(f"{path}: no .parquet or .arrow files in this folder")
@@ -381,67 +337,21 @@ def table_files(source: str | os.PathLike) -> list[Path]:
     return files
 
 
-def _read_json(path: Path) -> dict:
-    try:
-        value = json.loads(read_text(path))
-    except json.JSONDecodeError as err:
-        raise DataError(f"{path}: not valid JSON ({err.msg} at line {err.lineno}, column {err.colno})") from None
-    if not isinstance(value, dict):
-        raise DataError(f"{path}: expected a JSON object, got {type(value).__name__}")
-    return value
-
-
 def _check_shards(files: list[Path], source: str) -> None:
     """Files named like hub shards must be one split, complete; other names are taken as they are."""
-    matches = [(SHARD_NAME.match(f.name), f) for f in files]
-    if not all(m for m, _ in matches):
+    matches = [SHARD_NAME.match(f.name) for f in files]
+    if not all(matches):
         return
-    groups: dict[tuple[Path, str], list[tuple[int, int]]] = {}
-    for m, f in matches:
-        groups.setdefault((f.parent, m["split"]), []).append((int(m["index"]), int(m["count"])))
-    if len(groups) > 1:
-        names = sorted({split for _, split in groups})
-        parent, split = min(groups)
+    splits = sorted({(f.parent, m["split"]) for f, m in zip(files, matches)})
+    if len(splits) > 1:
+        (parent, split), names = splits[0], sorted({split for _, split in splits})
         raise DataError(f"{source}: holds several splits ({', '.join(names)}): give one, "
                         f"e.g. {parent}/{split}-*.parquet")
-    ((parent, split), shards), = groups.items()
-    count = shards[0][1]
-    missing = sorted(set(range(count)) - {i for i, _ in shards})
-    if missing or any(c != count for _, c in shards):
-        raise DataError(f"{source}: split '{split}' is incomplete: shard(s) {missing} of {count} are missing "
+    count = int(matches[0]["count"])
+    missing = sorted(set(range(count)) - {int(m["index"]) for m in matches})
+    if missing or any(int(m["count"]) != count for m in matches):
+        raise DataError(f"{source}: split '{splits[0][1]}' is incomplete: shard(s) {missing} of {count} are missing "
                         f"(an interrupted download?)")
-
-
-def _pyarrow(source: Path):
-    try:
-        import pyarrow
-        import pyarrow.parquet
-    except ImportError:
-        raise DataError(f"{source}: reading parquet/arrow files needs pyarrow, an optional extra: "
-                        f"pip install -e '.[data]' (or pip install pyarrow)") from None
-    return pyarrow, pyarrow.parquet
-
-
-def _open_table(path: Path, columns: list[str] | None):
-    """(column names, an iterator of record batches) for one parquet or arrow file."""
-    pa, pq = _pyarrow(path)
-    try:
-        if path.suffix == ".parquet":
-            parquet = pq.ParquetFile(path)
-            names = parquet.schema_arrow.names
-            return names, parquet.iter_batches(batch_size=64, columns=[c for c in columns or names if c in names])
-        with path.open("rb") as f:
-            is_file_format = f.read(6) == b"ARROW1"  # save_to_disk writes the stream format, Feather v2 the file one
-        source = pa.memory_map(str(path))
-        if is_file_format:
-            reader = pa.ipc.open_file(source)
-            batches = (reader.get_batch(i) for i in range(reader.num_record_batches))
-        else:
-            reader = pa.ipc.open_stream(source)
-            batches = iter(reader)
-        return reader.schema.names, batches
-    except (pa.ArrowException, OSError) as err:
-        raise DataError(f"{path}: not a readable {path.suffix[1:]} file ({err})") from None
 
 
 def table_columns(path: Path) -> list[str]:
@@ -449,11 +359,9 @@ def table_columns(path: Path) -> list[str]:
     return _open_table(path, None)[0]
 
 
-def read_table(files: list[Path], columns: list[str] | None = None, *,
-               limit: int | None = None) -> Iterator[tuple[str, Path, dict]]:
+def read_table(files: list[Path], columns: list[str] | None = None) -> Iterator[tuple[str, Path, dict]]:
     """("file:row N", file, row) for every row in order, as Python values: structs are dicts, binary is bytes."""
     pa, _ = _pyarrow(files[0])
-    count = 0
     for path in files:
         names, batches = _open_table(path, columns)
         missing = [c for c in columns or [] if c not in names]
@@ -461,15 +369,10 @@ def read_table(files: list[Path], columns: list[str] | None = None, *,
             raise DataError(f"{path}: no column(s) {missing}; its columns are {names}")
         i = 0
         try:
-            for batch in batches:
-                if columns is not None and path.suffix != ".parquet":
-                    batch = batch.select(columns)
+            for batch in batches:  # read lazily: the caller may stop after a few rows
                 for row in batch.to_pylist():
-                    if limit is not None and count >= limit:
-                        return
                     yield f"{path}:row {i}", path, row
                     i += 1
-                    count += 1
         except (pa.ArrowException, OSError) as err:
             raise DataError(f"{path}: unreadable after row {i} ({err})") from None
 
@@ -482,62 +385,21 @@ def resolve_fields(fields: dict[str, str | None] | None, columns: Sequence[str],
         raise DataError(f"data.fields: unknown field(s) {unknown}; expected some of {list(DEFAULT_FIELDS)}")
     resolved: dict[str, str | None] = {}
     for name, candidates in DEFAULT_FIELDS.items():
-        if name in fields:
-            column = fields[name]
-            if column is None and name == "problem":
-                raise DataError("data.fields.problem: cannot be null: every example needs a problem")
-            if column is not None and (not isinstance(column, str) or not column):
-                raise DataError(f"data.fields.{name}: expected a column name or null, got {column!r}")
-            if column is not None and column.split(".")[0] not in columns:
-                raise DataError(f"{source}: data.fields.{name}: no column {column.split('.')[0]!r}; "
-                                f"the columns are {list(columns)}")
-            resolved[name] = column
-            continue
-        found = next((c for c in candidates if c in columns), None)
-        if found is None and name != "id":  # a silent "no images" or "no gold" would train the wrong thing
+        column = fields[name] if name in fields else next((c for c in candidates if c in columns), None)
+        if name not in fields and column is None and name != "id":  # a silent "no gold" would train the wrong thing
             hint = {"problem": "", "answer": " (or null: no gold, every item open)",
                     "images": " (or null: text-only prompts)"}[name]
             raise DataError(f"{source}: no column for '{name}' (looked for {', '.join(candidates)}); the columns are "
                             f"{list(columns)}: set data.fields.{name}{hint}")
-        resolved[name] = found
+        if column is None and name == "problem":
+            raise DataError("data.fields.problem: cannot be null: every example needs a problem")
+        if column is not None and (not isinstance(column, str) or not column):
+            raise DataError(f"data.fields.{name}: expected a column name or null, got {column!r}")
+        if column is not None and column.split(".")[0] not in columns:
+            raise DataError(f"{source}: data.fields.{name}: no column {column.split('.')[0]!r}; "
+                            f"the columns are {list(columns)}")
+        resolved[name] = column
     return resolved
-
-
-def _cell(row: dict, column: str, where: str) -> Any:
-    value = row
-    for part in column.split("."):
-        if not isinstance(value, dict) or part not in value:
-            raise DataError(f"{where}: field '{column}': missing (no {part!r} in {type(value).__name__})")
-        value = value[part]
-    return value
-
-
-def _table_example(row: dict, where: str, root: Path, mapping: dict[str, str | None], index: int,
-                   check: ImageCheck, *, full: bool) -> Example:
-    if mapping["id"] is None:
-        ident = str(index)
-    else:
-        value = _cell(row, mapping["id"], where)
-        if isinstance(value, bool) or not isinstance(value, (str, int)) or value == "":
-            raise DataError(f"{where}: field '{mapping['id']}': expected a non-empty str or int id, got {value!r:.60}")
-        ident = str(value)
-    problem = _cell(row, mapping["problem"], where)
-    if not isinstance(problem, str):
-        raise DataError(f"{where}: field '{mapping['problem']}': expected str, got {type(problem).__name__}")
-    problem = problem.replace("<image>", "").strip()
-    if not problem:
-        raise DataError(f"{where}: field '{mapping['problem']}': empty once <image> placeholders are removed")
-    answer = None
-    if mapping["answer"] is not None:
-        answer = gold_answer(_cell(row, mapping["answer"], where), f"{where}: field '{mapping['answer']}'")
-    images = []
-    if mapping["images"] is not None:
-        cell = _cell(row, mapping["images"], where)
-        items = [] if cell is None else cell if isinstance(cell, list) else [cell]
-        for k, item in enumerate(items):
-            at = f"{where}: field '{mapping['images']}" + (f"[{k}]'" if isinstance(cell, list) else "'")
-            images.append(check(image_value(item, at, root), at, full=full))
-    return Example(id=ident, problem=problem, images=images, answer=answer)
 
 
 def gold_answer(value: Any, where: str) -> str:
@@ -563,9 +425,79 @@ def gold_answer(value: Any, where: str) -> str:
     return text
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Images: references, checks at load, decoding per batch
-# ---------------------------------------------------------------------------------------------------------------
+def _read_json(path: Path) -> dict:
+    try:
+        value = json.loads(read_text(path))
+    except json.JSONDecodeError as err:
+        raise DataError(f"{path}: not valid JSON ({err.msg} at line {err.lineno}, column {err.colno})") from None
+    if not isinstance(value, dict):
+        raise DataError(f"{path}: expected a JSON object, got {type(value).__name__}")
+    return value
+
+
+def _pyarrow(source: Path):
+    try:
+        import pyarrow
+        import pyarrow.parquet
+    except ImportError:
+        raise DataError(f"{source}: reading parquet/arrow files needs pyarrow, an optional extra: "
+                        f"pip install -e '.[data]' (or pip install pyarrow)") from None
+    return pyarrow, pyarrow.parquet
+
+
+def _open_table(path: Path, columns: list[str] | None):
+    """(column names, an iterator of record batches of the `columns` it has) for one parquet or arrow file."""
+    pa, pq = _pyarrow(path)
+    try:
+        if path.suffix == ".parquet":
+            parquet = pq.ParquetFile(path)
+            names = parquet.schema_arrow.names
+            return names, parquet.iter_batches(batch_size=64, columns=[c for c in columns or names if c in names])
+        with path.open("rb") as f:
+            is_file_format = f.read(6) == b"ARROW1"  # save_to_disk writes the stream format, Feather v2 the file one
+        reader = (pa.ipc.open_file if is_file_format else pa.ipc.open_stream)(pa.memory_map(str(path)))
+        names = reader.schema.names
+        batches = (reader.get_batch(i) for i in range(reader.num_record_batches)) if is_file_format else reader
+        return names, (batch.select([c for c in columns or names if c in names]) for batch in batches)
+    except (pa.ArrowException, OSError) as err:
+        raise DataError(f"{path}: not a readable {path.suffix[1:]} file ({err})") from None
+
+
+def _cell(row: dict, column: str, where: str) -> Any:
+    value = row
+    for part in column.split("."):
+        if not isinstance(value, dict) or part not in value:
+            raise DataError(f"{where}: field '{column}': missing (no {part!r} in {type(value).__name__})")
+        value = value[part]
+    return value
+
+
+def _table_example(row: dict, where: str, root: Path, mapping: dict[str, str | None], index: int,
+                   check: ImageCheck, *, full: bool) -> Example:
+    ident = str(index)
+    if mapping["id"] is not None:
+        ident = _cell(row, mapping["id"], where)
+        if isinstance(ident, bool) or not isinstance(ident, (str, int)) or ident == "":
+            raise DataError(f"{where}: field '{mapping['id']}': expected a non-empty str or int id, got {ident!r:.60}")
+    problem = _cell(row, mapping["problem"], where)
+    if not isinstance(problem, str):
+        raise DataError(f"{where}: field '{mapping['problem']}': expected str, got {type(problem).__name__}")
+    problem = problem.replace("<image>", "").strip()
+    if not problem:
+        raise DataError(f"{where}: field '{mapping['problem']}': empty once <image> placeholders are removed")
+    answer = None
+    if mapping["answer"] is not None:
+        answer = gold_answer(_cell(row, mapping["answer"], where), f"{where}: field '{mapping['answer']}'")
+    images = []
+    if mapping["images"] is not None:
+        cell = _cell(row, mapping["images"], where)
+        for k, item in enumerate([] if cell is None else cell if isinstance(cell, list) else [cell]):
+            at = f"{where}: field '{mapping['images']}" + (f"[{k}]'" if isinstance(cell, list) else "'")
+            images.append(check(image_value(item, at, root), at, full=full))
+    return Example(id=str(ident), problem=problem, images=images, answer=answer)
+
+
+# -------------------------------------------------------------- images: references, checks at load, decoding per batch
 
 def image_value(value: Any, where: str, root: Path) -> str | EncodedImage:
     """One image as a file stores it: a path (relative to `root`), encoded bytes, or a {bytes, path} struct."""
@@ -585,13 +517,10 @@ def image_value(value: Any, where: str, root: Path) -> str | EncodedImage:
 
 @dataclass
 class ImageCheck:
-    """Checks images as a loader reads them, and remembers what it downscaled for one log line.
-
-    Each image is opened: a missing file, a non-image or a decompression bomb fails here. With `full` it is also
-    decoded to RGB, exactly as `load_images` will, the only way to catch a truncated JPEG or a broken PNG stream.
-    One over `max_pixels` is decoded, downscaled (aspect kept) and returned as an `EncodedImage`, so that cost is
-    paid once, not at every step. `decode=False` trusts the files: nothing is opened and nothing is capped.
-    """
+    """Opens each image as a loader reads it (a missing file, a non-image or a bomb fails here) and, with `full`,
+    decodes it to RGB as `load_images` will: the only way to catch a truncated JPEG or a broken PNG stream. One
+    over `max_pixels` becomes a downscaled `EncodedImage`, paid once, not at every step; `report` logs them.
+    `decode=False` trusts the files: nothing is opened and nothing is capped."""
     max_pixels: int | None = MAX_IMAGE_PIXELS
     decode: bool = True
     downscaled: list[str] = field(default_factory=list)
@@ -610,8 +539,7 @@ class ImageCheck:
                 # PIL warns above ~89 M pixels; the cap below decides what happens to large images.
                 warnings.simplefilter("ignore", Image.DecompressionBombWarning)
                 with Image.open(_source(image)) as im:
-                    width, height = im.size
-                    if self.max_pixels is not None and width * height > self.max_pixels:
+                    if self.max_pixels is not None and im.width * im.height > self.max_pixels:
                         return self._downscale(im, where)
                     if full:
                         im.convert("RGB")
@@ -624,8 +552,10 @@ class ImageCheck:
         return image
 
     def _downscale(self, im: Image.Image, where: str) -> EncodedImage:
+        """Shrink to the largest same-aspect size within the cap (in integers: 10000² -> 2048² exactly)."""
         width, height = im.size
-        target = fit_pixels(width, height, self.max_pixels)
+        new_width = max(1, math.isqrt(self.max_pixels * width // height))  # w'² <= M·w/h, h' <= w'·h/w: w'·h' <= M
+        target = (new_width, max(1, new_width * height // width))
         fmt = im.format
         if fmt == "JPEG":
             im.draft("RGB", target)  # decode at 1/2, 1/4 or 1/8 scale: a 100 M pixel JPEG in a fraction of the time
@@ -642,37 +572,29 @@ class ImageCheck:
     def report(self, rank: int = 0) -> None:
         """Log what was downscaled (rank 0 only: every rank downscales the same images)."""
         if self.downscaled and rank == 0:
-            shown = "; ".join(self.downscaled[:3]) + (f"; and {len(self.downscaled) - 3} more"
-                                                      if len(self.downscaled) > 3 else "")
+            more = f"; and {len(self.downscaled) - 3} more" if len(self.downscaled) > 3 else ""
             log.warning(f"data: {len(self.downscaled)} image(s) over {self.max_pixels} pixels downscaled once at load "
-                        f"(aspect kept): {shown}")
+                        f"(aspect kept): {'; '.join(self.downscaled[:3])}{more}")
 
 
-def fit_pixels(width: int, height: int, max_pixels: int) -> tuple[int, int]:
-    """The largest size with the same aspect and at most `max_pixels` pixels (integers: 10000² -> 2048² exactly)."""
-    new_width = max(1, math.isqrt(max_pixels * width // height))  # w'² <= M·w/h and h' <= w'·h/w: w'·h' <= M
-    return new_width, max(1, new_width * height // width)
+def load_images(example: Example) -> list[Image.Image]:
+    """The example's images as RGB PIL images, decoded here, per batch, never kept; an image that no longer
+    decodes is a DataError naming where it came from."""
+    images = []
+    for image in example.images:
+        if not isinstance(image, Image.Image):
+            try:
+                with Image.open(_source(image)) as im:
+                    image = im.convert("RGB")
+            except Exception as err:  # as in ImageCheck: PIL has many ways of saying "unreadable"
+                name = image if isinstance(image, str) else image.name
+                raise DataError(f"{name}: unreadable image ({type(err).__name__}: {err})") from err
+        images.append(image)
+    return images
 
 
 def _source(image: str | EncodedImage):
     return image if isinstance(image, str) else io.BytesIO(image.data)
-
-
-def decode_image(image: ImageLike) -> Image.Image:
-    """Pixels of one image, RGB; a file or bytes that no longer decode raise a DataError naming where they came from."""
-    if isinstance(image, Image.Image):
-        return image
-    try:
-        with Image.open(_source(image)) as im:
-            return im.convert("RGB")
-    except Exception as err:  # as in ImageCheck: PIL has many ways of saying "unreadable"
-        name = image if isinstance(image, str) else image.name
-        raise DataError(f"{name}: unreadable image ({type(err).__name__}: {err})") from err
-
-
-def load_images(example: Example) -> list[Image.Image]:
-    """The example's images as RGB PIL images: decoded here, per batch, never kept."""
-    return [decode_image(im) for im in example.images]
 
 
 def iterate_batches(examples: list[Example], batch_size: int, *, seed: int, start: int = 0) -> Iterator[list[Example]]:
@@ -680,18 +602,14 @@ def iterate_batches(examples: list[Example], batch_size: int, *, seed: int, star
     per_epoch = len(examples) // batch_size
     if per_epoch == 0:
         raise ValueError(f"data: {len(examples)} examples cannot fill one batch of {batch_size}")
-    position = start
-    while True:
+    for position in itertools.count(start):
         epoch, offset = divmod(position, per_epoch)
         order = list(range(len(examples)))
         random.Random(seed + epoch).shuffle(order)
         yield [examples[i] for i in order[offset * batch_size:(offset + 1) * batch_size]]
-        position += 1
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Preference pairs (the reward-model stage's data)
-# ---------------------------------------------------------------------------------------------------------------
+# -------------------------------------------------------------------- preference pairs (the reward-model stage's data)
 
 @dataclass
 class PreferencePair:
@@ -712,108 +630,81 @@ _PAIR_FIELDS: dict[str, tuple[type, ...]] = {
 
 def load_preference_jsonl(path: str | os.PathLike, *, aspects: Sequence[str] | None = None, check_images: bool = True,
                           max_image_pixels: int | None = MAX_IMAGE_PIXELS) -> list[PreferencePair]:
-    """Read and validate preference pairs; raise `DataError("file:line: field 'x': ...")` on the first bad record."""
+    """Read and validate preference pairs (JSONL records of `_PAIR_FIELDS`; the prompt is checked as training's
+    prompts are); raise `DataError("file:line: field 'x': ...")` on the first bad record."""
     path = Path(path)
     check = ImageCheck(max_image_pixels, decode=check_images)
-    pairs, seen = [], set()
-    for where, record in read_jsonl(path):
-        pair = _parse_pair(record, where, path.parent, aspects, check)
-        if pair.id in seen:
-            raise DataError(f"{where}: field 'id': duplicate id {pair.id!r}")
-        seen.add(pair.id)
-        pairs.append(pair)
-    if not pairs:
-        raise DataError(f"{path}: no records")
+    pairs = _unique_ids(((where, _parse_pair(record, where, path.parent, aspects, check))
+                         for where, record in read_jsonl(path)), "id", path)
     check.report()
     return pairs
 
 
 def _parse_pair(record: dict, where: str, root: Path, aspects: Sequence[str] | None,
                 check: ImageCheck) -> PreferencePair:
-    unknown = set(record) - set(_PAIR_FIELDS)
-    if unknown:
-        raise DataError(f"{where}: unknown field(s) {sorted(unknown)}; expected some of {sorted(_PAIR_FIELDS)}")
-    for key in ("id", "chosen", "rejected"):
-        if key not in record:
-            raise DataError(f"{where}: field '{key}': missing")
-    for key, value in record.items():
-        if not isinstance(value, _PAIR_FIELDS[key]) or isinstance(value, bool):
-            names = "/".join(t.__name__ for t in _PAIR_FIELDS[key])
-            raise DataError(f"{where}: field '{key}': expected {names}, got {type(value).__name__}")
+    _check_types(record, where, _PAIR_FIELDS, required=("id", "chosen", "rejected"), nullable=False)
     if ("prompt" in record) == ("messages" in record):
         raise DataError(f"{where}: field 'prompt': give exactly one of 'prompt' or 'messages'")
-    messages = record.get("messages")
-    if messages is not None and (not messages or not isinstance(messages[-1], dict) or messages[-1].get("role") != "user"):
-        raise DataError(f"{where}: field 'messages': must end with a user turn (the responses answer it)")
     for key in ("chosen", "rejected"):
         if any(t in record[key] for t in ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>")):
             raise DataError(f"{where}: field '{key}': contains a vision placeholder token; images go in 'images'")
     if record["chosen"] == record["rejected"]:
         raise DataError(f"{where}: field 'rejected': identical to 'chosen', the pair carries no preference")
     if "aspect" in record and aspects is not None and record["aspect"] not in aspects:
-        raise DataError(f"{where}: field 'aspect': {record['aspect']!r} is not one of the model's aspects {list(aspects)}")
+        raise DataError(f"{where}: field 'aspect': {record['aspect']!r} is not one of the model's aspects "
+                        f"{list(aspects)}")
+    ratings = {}
     for key in ("chosen_ratings", "rejected_ratings"):
         for name, value in record.get(key, {}).items():
             if aspects is not None and name not in aspects:
                 raise DataError(f"{where}: field '{key}.{name}': not one of the model's aspects {list(aspects)}")
             if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
                 raise DataError(f"{where}: field '{key}.{name}': expected a finite number, got {value!r}")
+        ratings[key] = {name: float(value) for name, value in record.get(key, {}).items()}
     prompt = {"id": record["id"], "images": record.get("images", [])}
-    prompt.update({"problem": record["prompt"]} if "prompt" in record else {"messages": messages})
-    example = parse_record(prompt, where, root, check, lambda constraint: None)
-    return PreferencePair(
-        id=example.id, example=example, chosen=record["chosen"], rejected=record["rejected"],
-        aspect=record.get("aspect"), chosen_ratings={k: float(v) for k, v in record.get("chosen_ratings", {}).items()},
-        rejected_ratings={k: float(v) for k, v in record.get("rejected_ratings", {}).items()},
-    )
+    prompt.update({"problem": record["prompt"]} if "prompt" in record else {"messages": record["messages"]})
+    example = parse_record(prompt, where, root, check)  # checks the messages too, as training's prompts
+    return PreferencePair(id=example.id, example=example, chosen=record["chosen"], rejected=record["rejected"],
+                          aspect=record.get("aspect"), **ratings)
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Prompt building
-# ---------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------- prompts
 
 def build_messages(example: Example, answer_format: str = "think_answer") -> list[dict[str, Any]]:
     """Chat turns for `example`, the answer-format instruction appended to the last user turn."""
     if answer_format not in FORMAT_INSTRUCTIONS:
         raise ValueError(f"answer_format: unknown {answer_format!r}; expected one of {list(FORMAT_INSTRUCTIONS)}")
     instruction = FORMAT_INSTRUCTIONS[answer_format]
-    if example.messages is not None:
-        messages = [dict(m) for m in example.messages]
-        last = messages[-1]
-        if isinstance(last["content"], str):
-            last["content"] = f"{last['content']} {instruction}"
-        else:
-            last["content"] = list(last["content"]) + [{"type": "text", "text": f" {instruction}"}]
-        return messages
-    content = [{"type": "image"} for _ in example.images]
-    content.append({"type": "text", "text": f"{example.problem} {instruction}"})
-    return [{"role": "user", "content": content}]
+    if example.messages is None:
+        content = [{"type": "image"} for _ in example.images]
+        return [{"role": "user", "content": content + [{"type": "text", "text": f"{example.problem} {instruction}"}]}]
+    messages = [dict(m) for m in example.messages]
+    last = messages[-1]
+    if isinstance(last["content"], str):
+        last["content"] = f"{last['content']} {instruction}"
+    else:
+        last["content"] = list(last["content"]) + [{"type": "text", "text": f" {instruction}"}]
+    return messages
 
 
 def encode_prompts(processor, examples: list[Example], answer_format: str = "think_answer"):
-    """One left-padded batch: input_ids, attention_mask, mm_token_type_ids, and pixel_values/image_grid_thw if any."""
-    texts = [processor.apply_chat_template(build_messages(ex, answer_format), add_generation_prompt=True, tokenize=False)
-             for ex in examples]
+    """One left-padded batch, encoded once and reused by the sampler and the training forward: input_ids,
+    attention_mask, mm_token_type_ids, and pixel_values / image_grid_thw if any."""
+    texts = [processor.apply_chat_template(build_messages(ex, answer_format), add_generation_prompt=True,
+                                           tokenize=False) for ex in examples]
     images = [im for ex in examples for im in load_images(ex)]
     processor.tokenizer.padding_side = "left"  # the sampler appends new tokens on the right of every row
     return processor(text=texts, images=images or None, padding=True, return_tensors="pt")
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# python -m harmo_min.data convert IN OUT.jsonl
-# ---------------------------------------------------------------------------------------------------------------
-
-_EXTENSIONS = {"JPEG": ".jpg", "PNG": ".png", "GIF": ".gif", "WEBP": ".webp", "BMP": ".bmp", "TIFF": ".tif"}
-
+# ------------------------------------------------------------------------------------ python -m harmo_min.data convert
 
 def convert(source: str | os.PathLike, out: str | os.PathLike, *, fields: dict[str, str | None] | None = None,
             image_root: str | os.PathLike | None = None, check_images: bool = True,
             max_image_pixels: int | None = MAX_IMAGE_PIXELS) -> int:
     """Write `source` (any layout `load_examples` reads) as the project's JSONL; return the number of records.
-
-    Embedded images are written byte for byte to `OUT_images/NNNNNN-K.ext` (downscaled ones as re-encoded);
-    image files are referenced by their path relative to OUT's folder, not copied.
-    """
+    Embedded images are written byte for byte (downscaled ones as re-encoded) to `OUT_images/NNNNNN-K.ext`;
+    image files are referenced by their path relative to OUT's folder, not copied."""
     out = Path(out)
     if out.suffix != ".jsonl":
         raise DataError(f"{out}: the output is the project's JSONL: give it a .jsonl name")
@@ -826,37 +717,23 @@ def convert(source: str | os.PathLike, out: str | os.PathLike, *, fields: dict[s
         paths = []
         for k, image in enumerate(example.images):
             if isinstance(image, EncodedImage):
+                with Image.open(io.BytesIO(image.data)) as im:
+                    suffix = {"JPEG": ".jpg", "TIFF": ".tif"}.get(im.format, f".{str(im.format).lower()}")
                 image_dir.mkdir(exist_ok=True)
-                target = image_dir / f"{index:06d}-{k}{_extension(image)}"
+                target = image_dir / f"{index:06d}-{k}{suffix}"
                 target.write_bytes(image.data)
                 image = str(target)
             assert isinstance(image, str), "load_examples yields paths or EncodedImages"
             paths.append(os.path.relpath(image, out.parent))
-        lines.append(json.dumps(_jsonl_record(example, paths), ensure_ascii=False))
+        values = dict(vars(example), images=paths)
+        record = {key: value for key, value in values.items() if value is not None and value != []}
+        if (example.answer is not None) == (example.task == "verifiable"):
+            del record["task"]  # the loader infers it
+        lines.append(json.dumps(record, ensure_ascii=False))
     partial = out.with_name(out.name + ".tmp")
     partial.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
     partial.replace(out)  # a reader never sees half a file
     return len(lines)
-
-
-def _extension(image: EncodedImage) -> str:
-    with Image.open(io.BytesIO(image.data)) as im:
-        return _EXTENSIONS.get(im.format, f".{str(im.format).lower()}")
-
-
-def _jsonl_record(example: Example, paths: list[str]) -> dict[str, Any]:
-    record: dict[str, Any] = {"id": example.id}
-    record.update({"problem": example.problem} if example.messages is None else {"messages": example.messages})
-    if paths:
-        record["images"] = paths
-    if example.answer is not None:
-        record["answer"] = example.answer
-    if (example.answer is not None) != (example.task == "verifiable"):
-        record["task"] = example.task  # only when it is not what the loader would infer
-    for key in ("choices", "constraints", "reference"):
-        if getattr(example, key):
-            record[key] = getattr(example, key)
-    return record
 
 
 def parse_field_overrides(items: Sequence[str]) -> dict[str, str | None]:

@@ -292,11 +292,15 @@ def load_latest_checkpoint(run_dir: str | os.PathLike, *, model, optimizer, sche
 def export_hf(model, processor, out_dir: str | os.PathLike, world: World, dtype: torch.dtype) -> Path | None:
     """Save a `from_pretrained`-loadable folder in `dtype` from the (possibly sharded) model; a collective."""
     full = {k: v.to(dtype) for k, v in full_state_dict(model).items()}
+    if model.config.get_text_config().tie_word_embeddings:
+        full.pop("lm_head.weight", None)  # tied to the embedding: from_pretrained ties it again, no second copy
     out = Path(out_dir)
     if world.is_main:
         out.mkdir(parents=True, exist_ok=True)
-        model.config.dtype = dtype  # config.json says what the weights are
         model.save_pretrained(out, state_dict=full)
         processor.save_pretrained(out)
+        # save_pretrained writes the dtype of the live (float32 master) parameters; say what the file holds.
+        config = json.loads((out / "config.json").read_text())
+        (out / "config.json").write_text(json.dumps({**config, "dtype": str(dtype).removeprefix("torch.")}, indent=2))
     dist.barrier()
     return out if world.is_main else None

@@ -188,14 +188,15 @@ def token_logprobs(model, inputs: dict, *, temperature: float = 1.0, chunk: int 
     position_ids, _ = mrope_positions(model, {"input_ids": inputs["input_ids"], "attention_mask": inputs["attention_mask"],
                                               "mm_token_type_ids": inputs["mm_token_type_ids"],
                                               "image_grid_thw": inputs["row_grid"]})          # (3, b, P' + T)
-    T = inputs["response_ids"].shape[1]
+    L, T = inputs["input_ids"].shape[1], inputs["response_ids"].shape[1]
+    keep = torch.arange(L - T - 1, L - 1, device=inputs["input_ids"].device)  # position P−1+t predicts token t
     with encoded_images(model, inputs["pixel_values"], inputs["image_grid_thw"]) as features:  # once per micro-batch
         encoded = None
         if features:  # each row gets its prompt's images' features
             encoded = {"image": BaseModelOutputWithPooling(pooler_output=tuple(features[k] for k in inputs["row_images"]))}
         out = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], position_ids=position_ids,
-                    mm_encoder_outputs=encoded, use_cache=False, logits_to_keep=T + 1)
-    logits = out.logits[:, :-1]                                          # (b, T, V): position P−1+t predicts token t
+                    mm_encoder_outputs=encoded, use_cache=False, logits_to_keep=keep)
+    logits = out.logits                                                  # (b, T, V), computed for these T only
     b, _, V = logits.shape
     logp, entropy = TokenLogProb.apply(logits.reshape(b * T, V), inputs["response_ids"].reshape(-1), temperature,
                                        chunk, placeholder_ids(model))

@@ -79,8 +79,20 @@ class ImageProcessor(Qwen2_5_VLProcessor):
         # torchvision-backed processor: load both halves explicitly.
         tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
         image_processor = Qwen2VLImageProcessorPil.from_pretrained(path, **kwargs)
-        template = getattr(tokenizer, "chat_template", None) or CHAT_TEMPLATE
-        return cls(image_processor=image_processor, tokenizer=tokenizer, chat_template=template)
+        return cls(image_processor=image_processor, tokenizer=tokenizer, chat_template=_chat_template(path, tokenizer))
+
+
+def _chat_template(path: str | os.PathLike, tokenizer) -> str:
+    """The folder's processor template (chat_template.jinja or .json, as Qwen ships it), else the tokenizer's."""
+    folder = Path(path)
+    if (folder / "chat_template.jinja").is_file():
+        return (folder / "chat_template.jinja").read_text(encoding="utf-8")
+    if (folder / "chat_template.json").is_file():
+        return json.loads((folder / "chat_template.json").read_text(encoding="utf-8"))["chat_template"]
+    if tokenizer.chat_template:
+        return tokenizer.chat_template
+    raise ValueError(f"{path}: no chat template (chat_template.jinja, chat_template.json or in tokenizer_config.json): "
+                     "copy the model's processor files into the folder")
 
 
 def _tiny_corpus() -> list[str]:

@@ -1,80 +1,51 @@
 r"""The multi-aspect reward combiner of HARMO (arXiv 2510.05283): one group of G responses in, G rewards out.
 
-For each group of G responses to one prompt, every reward aspect is computed for every response and the aspects
-are combined into one scalar per response. Pure Python, no torch: reward-model scores come in as plain numbers
-and checkable answers go to the rule verifier (`harmo_min.verifier`). Config keys are `reward.<key>` [default].
+Every aspect is computed for every response of a group, and the aspects are combined into one scalar per response.
+Pure Python, no torch: reward-model scores come in as plain numbers, checkable answers go to the rule verifier.
+Keys are `reward.<key>` [default]; the README's "Rewards" section is the user's guide to them.
 
     cfg = RewardConfig.from_dict(config["reward"], answer_format=config["data"]["answer_format"])
     cfg = cfg.resolve(max_new_tokens)
     out = score_batch(examples, texts, lengths=lengths, finish_reasons=finish_reasons, model_scores=None, cfg=cfg)
     out[k].total (G,), out[k].breakdown["length"] (G,), out[k].route (G,); route_counts(out) for the step log
 
-Aspects (unweighted values, all reported in `GroupRewards.breakdown`)
-  accuracy     in [0, 1]; see the routing table. Always computed (the length penalty, dynamic sampling and the
-               logs need it), whatever its weight.
-  format       r_fmt ∈ {0, 1}: the response has the shape its prompt asked for. The answer format is one concept
-               with one key, data.answer_format (ANSWER_FORMATS; the trainer passes it to from_dict):
-                 think_answer  the whole response is <think>…</think><answer>…</answer>: exactly one of each tag,
-                               in that order, only whitespace outside and between the blocks, non-empty answer
-                 boxed         the last box (`verifier.last_boxed`: \boxed{…}, \fbox{…} or `\boxed 5`) is
-                               well-formed and non-empty
-                 bare          no shape to check: weights.format must be 0 (and accuracy_requires_format false)
-               Tags match in any ASCII case and boxes are found by the verifier's own parsers (`answer_block`,
-               `last_boxed`): format 1 means the verifier reads the answer from the place the prompt named.
-  instruction  r_inst ∈ [0, 1]: fraction of the example's constraints satisfied; 1 when it has none.
-  length       HARMO group length penalty. L* = length in tokens of the shortest *correct* response
-               (accuracy ≥ correct_threshold [0.5]). An incorrect response with L < L* gets
-                   r_len = −P_max · min(1, (L* − L) / (τ · L*))    P_max = length_p_max [0.5], τ = length_tau [0.5]
-               every other response, and every group with no correct response, gets 0.
-  overlong     DAPO soft overlong punishment, L_max = overlong_max_len [null: the rollout's max_new_tokens,
-               filled in by `cfg.resolve(max_new_tokens)`], L_buf = overlong_buffer [0]:
-                   r = 0 for L ≤ L_max − L_buf,  (L_max − L_buf − L) / L_buf in between,  −1 for L ≥ L_max.
-               A response cut off by the token limit (finish_reason "length") counts as L ≥ L_max: it never
-               finished. With L_buf = 0 it is a step: −1 for the responses that reach L_max, 0 for the rest.
+Aspects (unweighted values, all in `GroupRewards.breakdown`)
+  accuracy     in [0, 1], routed as below; always computed (length, dynamic sampling and the logs need it).
+  format       1 when the response has the shape data.answer_format (ANSWER_FORMATS) asks for, read with the
+               verifier's parsers: think_answer = the whole response is <think>…</think><answer>…</answer> (one of
+               each tag, in that order, only whitespace outside them, a non-empty answer); boxed = the last box is
+               well-formed and non-empty; bare = no shape, so weights.format must be 0.
+  instruction  fraction of the example's constraints satisfied; 1 when it has none.
+  length       HARMO: with L* the length in tokens of the shortest correct response (accuracy ≥ correct_threshold
+               [0.5]), an incorrect response with L < L* gets r = −P_max · min(1, (L* − L) / (τ · L*)),
+               P_max = length_p_max [0.5], τ = length_tau [0.5]; all others, and groups with none correct, get 0.
+  overlong     DAPO: r = 0 for L ≤ L_max − L_buf, (L_max − L_buf − L) / L_buf in between, −1 for L ≥ L_max;
+               L_max = overlong_max_len [null: max_new_tokens, by `cfg.resolve`], L_buf = overlong_buffer [0].
+               A response cut off by the token limit (finish_reason "length") counts as L ≥ L_max.
 
-Routing of the accuracy (c = verdict confidence, s = reward-model score, T = rm_temperature [1.0]).
-accuracy_source [hybrid] picks the source; rule and model are the paper's single-source ablations.
-  source  task        verdict                         model score   route                 accuracy
-  hybrid  open        (not verified)                  given         model                 sigmoid(s / T)
-  hybrid  open        (not verified)                  missing       none                  0
-  hybrid  verifiable  c > 0 and c ≥ min_confidence    any           rule                  1 if correct else 0
-  hybrid  verifiable  c < min_confidence [0.5]        given         model                 sigmoid(s / T)
-  hybrid  verifiable  0 < c < min_confidence          missing       rule_low_confidence   1 if correct else 0
-  hybrid  verifiable  c = 0                           missing       none                  0
-  rule    open        (not verified)                  ignored       none                  0
-  rule    verifiable  as hybrid with every score missing (the trainer runs no reward model)
-  model   any         (not verified)                  given         model                 sigmoid(s / T)
-  model   any         (not verified)                  missing       none                  0
-"missing" means no reward model (model_scores=None) or an entry that is not a finite float: None, NaN, ±inf,
-or an integer beyond float range (10**400). c = 0 is an unparseable gold, a verifier timeout or error: such a
-verdict carries no information, so on its own it never gives accuracy 1. Route "none" is a real outcome, counted
-by `route_counts`: a dataset of open items trained without a reward model shows up in the logs instead of
-silently scoring 1 (or 0) everywhere.
+Routing of the accuracy, accuracy_source [hybrid]; c = verdict confidence, s = reward-model score, "missing" when
+there is no reward model or the entry is not a finite float (None, NaN, ±inf, 10**400):
+  open item                            sigmoid(s / rm_temperature [1.0]), route "model"; 0, "none" when s is missing
+  verifiable, c > 0 and c ≥ min_confidence [0.5]     1 if correct else 0, route "rule"
+  verifiable, otherwise                sigmoid(s / T), "model"; without s: the verdict, "rule_low_confidence", if
+                                       c > 0, else 0, "none" (c = 0: unparseable gold, timeout or error)
+accuracy_source rule treats every s as missing; model routes every item like an open one (no verifier).
 
 Combination (w_a = weights.<aspect> [accuracy 1.0, format 0.1, instruction 0.1, length 1.0, overlong 0.0])
   combine=sum_then_normalize [default]:  R_i = Σ_a w_a · r_a,i       (grpo.py then normalises R within the group)
-  combine=normalize_then_sum (GDPO):     R_i = Σ_a w_a · (r_a,i − mean_a) / (std_a + norm_eps)
-                                         per-group mean and population std, norm_eps [1e-4]
+  combine=normalize_then_sum (GDPO):     R_i = Σ_a w_a · (r_a,i − mean_a) / (std_a + norm_eps [1e-4])
   accuracy_requires_format [false]: accuracy := accuracy · r_fmt before anything uses it (length, total, logs).
 A weight of 0 switches an aspect off (not computed, not in the breakdown), accuracy excepted.
 
-Constraints (`example.constraints`, a list of {"kind": …, …}; checked by `validate_constraint`)
-  Word counts and substring checks look at the *visible* text: the last <answer>…</answer> block when there is one
-  (`verifier.answer_block`), else the response minus its <think> blocks (an unclosed <think> hides everything
-  after it). Words are whitespace-separated, so a run of CJK text without spaces is one word. The two answer checks
-  read the final answer as the verifier extracts it (`extract_answer`).
-  max_words {value: int ≥ 0}        min_words {value: int ≥ 0}
-  must_include {value: str}         must_not_include {value: str}          (case-insensitive)
-  answer_is_choice_letter           a single capital letter, optionally "(B)" or "B.", among the letters of the
-                                    example's choices (A–Z when the choices live only in the prompt text)
-  answer_is_number                  1, -2.5, 1,000, 3e8, 15%, 3/4 or \frac{3}{4}, optionally inside $…$
-  language {value: en|fr|de|es|ru|zh|ja|ko}   more than half of the visible letters are in the language's script.
-                                    Script, not language: en and fr look alike, Han-only Japanese looks like zh.
+Constraints (`example.constraints`, a list of {"kind": …}, checked by `validate_constraint`, table CONSTRAINT_KINDS)
+read the visible text (`visible_text`: the last answer block, else the response without <think> blocks) or the
+final answer the verifier extracts: max_words / min_words (whitespace-separated words), must_include /
+must_not_include (case-insensitive), answer_is_choice_letter, answer_is_number, language (more than half of the
+visible letters in the language's script: the script, not the language).
 
-New aspects: decorate `fn(example, response, ctx) -> float` (per response) or `fn(example, group) -> list[float]`
-(group=True) with `@register_aspect("name")` in your own module, list the module in `reward.plugins` (imported
-before the weights are checked) and set `reward.weights.name: w`. Left out: the reward-model forward (scores come
-in as numbers), reference answers, per-aspect parameters for user aspects, and the advantage (grpo.py).
+New aspects: `@register_aspect("name")` on fn(example, response, ctx) -> float, or `group=True` on
+fn(example, group) -> list[float], in a module listed in `reward.plugins`; then `reward.weights.name: w`.
+Left out: the reward-model forward, reference answers, parameters for user aspects, the advantage (grpo.py).
 """
 
 from __future__ import annotations
@@ -84,6 +55,7 @@ import difflib
 import importlib
 import math
 import re
+from collections import Counter
 from dataclasses import dataclass, field
 from numbers import Integral, Real
 from typing import Any, Callable, Sequence
@@ -239,14 +211,7 @@ class Group:
     cfg: RewardConfig
 
 
-@dataclass(frozen=True)
-class Constraint:
-    check: Callable[[Any, str, dict], bool]  # (example, response, constraint) -> satisfied
-    value: tuple[str, Callable[[Any], bool]] | None  # (description, test) of the "value" parameter, if it takes one
-
-
 ASPECTS: dict[str, Aspect] = {}
-CONSTRAINT_KINDS: dict[str, Constraint] = {}
 
 
 def register_aspect(name: str, *, group: bool = False) -> Callable:
@@ -259,36 +224,10 @@ def register_aspect(name: str, *, group: bool = False) -> Callable:
     return add
 
 
-def register_constraint(kind: str, value: tuple[str, Callable[[Any], bool]] | None = None) -> Callable:
-    def add(check: Callable) -> Callable:
-        if kind in CONSTRAINT_KINDS:
-            raise ValueError(f"constraint kind '{kind}' is already registered")
-        CONSTRAINT_KINDS[kind] = Constraint(check, value)
-        return check
-    return add
-
-
-def validate_constraint(c: dict) -> None:
-    """Raise ValueError with a clear message unless `c` is a well-formed constraint (data.py calls this on load)."""
-    if not isinstance(c, dict):
-        raise ValueError(f"constraint: must be a dict like {{'kind': 'max_words', 'value': 30}}, got {c!r}")
-    kind = c.get("kind")
-    if not isinstance(kind, str) or kind not in CONSTRAINT_KINDS:
-        raise ValueError(f"constraint.kind: unknown kind {kind!r}{_did_you_mean(kind, CONSTRAINT_KINDS)}; "
-                         f"known: {', '.join(CONSTRAINT_KINDS)}")
-    spec = CONSTRAINT_KINDS[kind]
-    extra = sorted(set(c) - {"kind"} - ({"value"} if spec.value else set()))
-    if extra:
-        raise ValueError(f"constraint {kind}: unexpected key(s) {extra}")
-    if spec.value is not None:
-        what, ok = spec.value
-        if "value" not in c or not ok(c["value"]):
-            raise ValueError(f"constraint {kind}.value: must be {what}, got {c.get('value')!r}")
-
-
 # ---------------------------------------------------------------------------------------------------- reading the text
 _TAG = re.compile(r"</?(?:think|answer)>", re.I | re.A)  # ASCII case only, as verifier.answer_block
-_THINK_TAG = re.compile(r"</?think>", re.I | re.A)
+_THINK_BLOCK = re.compile(r"<think>.*?(</think>|\Z)", re.I | re.A | re.S)  # \Z: an unclosed block runs to the end,
+# and ends the search there (a lazy <think>.*?</think> alone is quadratic on "<think>" * 50_000)
 
 
 def format_ok(response: str, answer_format: str) -> bool:
@@ -311,65 +250,21 @@ def visible_text(response: str) -> str:
     block = answer_block(response)
     if block is not None:
         return block
-    parts, start, inside = [], 0, False
-    for m in _THINK_TAG.finditer(response):  # one pass: a lazy <think>.*?</think> is quadratic on "<think>" * 50_000
-        closing = m.group()[1] == "/"
-        if inside and closing:
-            inside, start = False, m.end()
-        elif not inside and not closing:
-            parts.append(response[start:m.start()])
-            inside = True
-    return " ".join(parts if inside else parts + [response[start:]])
+    return _THINK_BLOCK.sub(lambda m: " " if m[1] else "", response)  # a closed block leaves a word break
 
 
 # ---------------------------------------------------------------------------------------------------- constraints
-def _is_count(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+@dataclass(frozen=True)
+class Constraint:
+    check: Callable[[Any, str, dict], bool]  # (example, response, constraint) -> satisfied
+    value: tuple[str, Callable[[Any], bool]] | None  # (description, test) of the "value" parameter, if it takes one
 
 
-def _is_nonempty_str(v: Any) -> bool:
-    return isinstance(v, str) and v.strip() != ""
-
-
-@register_constraint("max_words", ("a non-negative integer", _is_count))
-def _max_words(example: Any, response: str, c: dict) -> bool:
-    return len(visible_text(response).split()) <= c["value"]
-
-
-@register_constraint("min_words", ("a non-negative integer", _is_count))
-def _min_words(example: Any, response: str, c: dict) -> bool:
-    return len(visible_text(response).split()) >= c["value"]
-
-
-@register_constraint("must_include", ("a non-empty string", _is_nonempty_str))
-def _must_include(example: Any, response: str, c: dict) -> bool:
-    return c["value"].casefold() in visible_text(response).casefold()
-
-
-@register_constraint("must_not_include", ("a non-empty string", _is_nonempty_str))
-def _must_not_include(example: Any, response: str, c: dict) -> bool:
-    return c["value"].casefold() not in visible_text(response).casefold()
-
-
+_COUNT = ("a non-negative integer", lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0)
+_TEXT = ("a non-empty string", lambda v: isinstance(v, str) and v.strip() != "")
 _LETTER_RE = re.compile(r"\(?([A-Z])\)?\.?")
-
-
-@register_constraint("answer_is_choice_letter")
-def _answer_is_choice_letter(example: Any, response: str, c: dict) -> bool:
-    m = _LETTER_RE.fullmatch((extract_answer(response) or "").strip())
-    n = len(getattr(example, "choices", None) or []) or 26
-    return bool(m) and ord(m.group(1)) - ord("A") < n
-
-
 _NUMBER_RE = re.compile(r"[-+]?(?:\d+(?:,\d{3})*(?:\.\d+)?|\.\d+)(?:[eE][-+]?\d+)?%?"
                         r"|[-+]?\d+\s*/\s*\d+|[-+]?\\[dt]?frac\{\d+\}\{\d+\}")
-
-
-@register_constraint("answer_is_number")
-def _answer_is_number(example: Any, response: str, c: dict) -> bool:
-    return bool(_NUMBER_RE.fullmatch((extract_answer(response) or "").strip().strip("$").strip()))
-
-
 _SCRIPTS = {
     "latin": re.compile(r"[A-Za-z\u00C0-\u024F]"),
     "cyrillic": re.compile(r"[\u0400-\u04FF]"),
@@ -382,14 +277,60 @@ LANGUAGE_SCRIPTS = {"en": ("latin",), "fr": ("latin",), "de": ("latin",), "es": 
 _ANY_LETTER = re.compile(r"[^\W\d_]")
 
 
-@register_constraint("language", (f"one of {sorted(LANGUAGE_SCRIPTS)}",
-                                  lambda v: isinstance(v, str) and v in LANGUAGE_SCRIPTS))
+def _words(response: str) -> int:
+    return len(visible_text(response).split())
+
+
+def _includes(response: str, c: dict) -> bool:
+    return c["value"].casefold() in visible_text(response).casefold()
+
+
+def _answer_is_choice_letter(example: Any, response: str, c: dict) -> bool:
+    m = _LETTER_RE.fullmatch((extract_answer(response) or "").strip())
+    n = len(getattr(example, "choices", None) or []) or 26
+    return bool(m) and ord(m.group(1)) - ord("A") < n
+
+
+def _answer_is_number(example: Any, response: str, c: dict) -> bool:
+    return bool(_NUMBER_RE.fullmatch((extract_answer(response) or "").strip().strip("$").strip()))
+
+
 def _language(example: Any, response: str, c: dict) -> bool:
     text = visible_text(response)
     letters = len(_ANY_LETTER.findall(text))
     own = sum(len(_SCRIPTS[s].findall(text)) for s in LANGUAGE_SCRIPTS[c["value"]])
     # A majority, not all: Chinese math answers name their variables in Latin letters.
     return letters > 0 and own / letters > 0.5
+
+
+CONSTRAINT_KINDS: dict[str, Constraint] = {
+    "max_words": Constraint(lambda example, response, c: _words(response) <= c["value"], _COUNT),
+    "min_words": Constraint(lambda example, response, c: _words(response) >= c["value"], _COUNT),
+    "must_include": Constraint(lambda example, response, c: _includes(response, c), _TEXT),
+    "must_not_include": Constraint(lambda example, response, c: not _includes(response, c), _TEXT),
+    "answer_is_choice_letter": Constraint(_answer_is_choice_letter, None),
+    "answer_is_number": Constraint(_answer_is_number, None),
+    "language": Constraint(_language, (f"one of {sorted(LANGUAGE_SCRIPTS)}",
+                                       lambda v: isinstance(v, str) and v in LANGUAGE_SCRIPTS)),
+}
+
+
+def validate_constraint(c: dict) -> None:
+    """Raise ValueError with a clear message unless `c` is a well-formed constraint (data.py calls this on load)."""
+    if not isinstance(c, dict):
+        raise ValueError(f"constraint: must be a dict like {{'kind': 'max_words', 'value': 30}}, got {c!r}")
+    kind = c.get("kind")
+    if not isinstance(kind, str) or kind not in CONSTRAINT_KINDS:
+        raise ValueError(f"constraint.kind: unknown kind {kind!r}{_did_you_mean(kind, CONSTRAINT_KINDS)}; "
+                         f"known: {', '.join(CONSTRAINT_KINDS)}")
+    spec = CONSTRAINT_KINDS[kind]
+    extra = sorted(set(c) - {"kind"} - ({"value"} if spec.value else set()))
+    if extra:
+        raise ValueError(f"constraint {kind}: unexpected key(s) {extra}")
+    if spec.value is not None:
+        what, ok = spec.value
+        if "value" not in c or not ok(c["value"]):
+            raise ValueError(f"constraint {kind}.value: must be {what}, got {c.get('value')!r}")
 
 
 # ---------------------------------------------------------------------------------------------------- hybrid accuracy
@@ -595,11 +536,7 @@ def score_batch(examples: Sequence[Any], groups: Sequence[Sequence[str]], *, len
 # ---------------------------------------------------------------------------------------------------- logging
 def route_counts(groups: Sequence[GroupRewards]) -> dict[str, int]:
     """Responses per accuracy route over a batch; every route present, so log keys stay stable."""
-    counts = dict.fromkeys(ROUTES, 0)
-    for g in groups:
-        for r in g.route:
-            counts[r] = counts.get(r, 0) + 1
-    return counts
+    return {**dict.fromkeys(ROUTES, 0), **Counter(r for g in groups for r in g.route)}
 
 
 def aspect_means(groups: Sequence[GroupRewards]) -> dict[str, float]:

@@ -2,41 +2,55 @@
 
     rollout = sample(model, prompts, n=8, max_new_tokens=256, temperature=1.0, generator=g, tokenizer=tok)
 
-`prompts` is the processor's left-padded batch (input_ids, attention_mask, mm_token_type_ids, pixel_values,
-image_grid_thw). The loop is four small steps:
+`prompts` is the processor's left-padded batch of N prompts of P tokens (input_ids, attention_mask,
+mm_token_type_ids, pixel_values, image_grid_thw); B = N * n rows are decoded. The loop is four small steps:
 
-1. **prefill** each prompt once: 3-D M-RoPE positions from `get_rope_index` (text tokens count 1, 2, 3, ...; an
-   image's tokens share a temporal index and walk its height/width grid), one forward that fills the KV cache.
-2. **replicate** the cache, the attention mask and the last logits n times (`repeat_interleave`): n responses per
-   prompt cost one prefill and one vision-tower pass, not n.
-3. **decode** one token per step. Qwen2.5-VL's position for a new text token on all three axes is
-   `(real tokens so far - 1) + rope_delta`, where `rope_delta = max prompt position + 1 - prompt length` (an
-   image spans fewer positions than tokens). Real tokens are counted from the attention mask, so left padding
-   never shifts positions, and the same formula gives `arange` for text-only prompts (`rope_delta = 0`).
-4. **sample**: vision placeholder ids (`<|image_pad|>`, `<|video_pad|>`) masked out (a response containing one
-   would be read as an image slot by the training forward, which then fails or misplaces image features),
-   logits / T, optional top-k then top-p truncation, and an exponential-race draw
-   (`argmax(p / Exp(1))` is a sample from `p`) from a seeded `torch.Generator`; T = 0 is greedy.
+1. **prefill** each prompt once, through the model's own forward: 3-D M-RoPE positions from `get_rope_index`
+   (text tokens count 1, 2, 3, ...; an image's tokens share a temporal index and walk its height/width grid), one
+   forward that fills a transformers `DynamicCache` with the prompt's keys and values. The cache must then hold P
+   positions: an unknown keyword lands in the model's `**kwargs` and is ignored, so a renamed `cache=` argument
+   would otherwise decode every step from an empty cache, silently. `sample` raises instead.
+2. **replicate** into a `StaticKVCache`: per layer one preallocated keys buffer and one values buffer of shape
+   (B, H_kv, L, D), L = P + max_new_tokens - 1, with the prompt's rows repeated n times (`repeat_interleave`), and
+   one (B, L) attention mask: the prompt's padding closed, every response slot closed until it is written. n
+   responses per prompt cost one prefill and one vision-tower pass, not n.
+3. **decode** one token per step (`decode_one`): open the token's slot in the mask, run the model on the one token,
+   every attention layer writes its key and value into column P + t of its buffers in place (`index_copy_`) and
+   attends over the whole buffer under the mask. No tensor grows and no address moves: the step has static shapes,
+   so `compile=True` hands it to `torch.compile` (CUDA graphs on a GPU). The mask goes in already 4-D
+   (`{"full_attention": (B, 1, 1, L)}`), which transformers takes as prepared, as it does from `generate`, instead
+   of rebuilding a mask from the 2-D one every forward. Position of a new text token, on all three M-RoPE axes:
+   `(real tokens so far - 1) + rope_delta` with `rope_delta = max prompt position + 1 - prompt length` (an image
+   spans fewer positions than tokens), i.e. `real prompt tokens + rope_delta + t` for the token fed at step t.
+   Real tokens are counted from the attention mask, so left padding never shifts positions, and text-only prompts
+   (`rope_delta = 0`) get `arange`. The first decode step always runs eagerly and checks that every attention layer
+   wrote into the static buffers: a cache the layers bypassed would, again, decode wrong in silence.
+4. **sample** (`sample_next`): vision placeholder ids (`<|image_pad|>`, `<|video_pad|>`) masked out (a response
+   containing one would be read as an image slot by the training forward, which then fails or misplaces image
+   features), logits / T, optional top-k then top-p truncation, and an exponential race (`argmax(p / E)` with
+   `E ~ Exp(1)` is a sample from `p`) from a seeded `torch.Generator`; T = 0 is greedy.
 
 Rows that emit an EOS id stop: later tokens are pad and masked out. The loop ends when every row has stopped or
 after `max_new_tokens`.
 
 Returned `logprobs[i, t] = log softmax(logits / T)[token]`, the *untruncated* temperature-scaled policy (T = 1
-when greedy) with only the placeholder ids removed. This is exactly what `grpo.token_logprobs` recomputes in the training forward, so with one update per
-rollout the sampler's log-probs can serve as `logp_old`; top-k/top-p only shape which tokens get drawn.
+when greedy) with only the placeholder ids removed. This is exactly what `grpo.token_logprobs` recomputes in the
+training forward, so with one update per rollout the sampler's log-probs can serve as `logp_old`; top-k/top-p only
+shape which tokens get drawn.
 
-**Under FSDP2** the caller gathers full parameters once for the whole rollout phase
-(`distributed.gathered_params`): every forward then runs locally without collectives, so ranks may stop after
-different numbers of steps. A caller that keeps parameters sharded (each forward all-gathers) must keep ranks in
-lockstep: pass `all_done=` a function that all-reduces the local "every row finished" flag, so no rank leaves
-the loop while another still needs its all-gathers.
+`compile` is off by default: on a CPU it pays only where Python overhead dominates (the tiny model), and while
+dynamo traces, transformers' sdpa attention repeats the KV heads (a copy of each layer's cache per step) instead of
+packing the query heads as it does eagerly; see `benchmarks/RESULTS.md`.
 
-Left out: beam search, repetition penalties, speculative decoding, stop strings (stop ids only), video.
+Under FSDP2 the caller gathers full parameters once for the whole rollout phase (`distributed.gathered_params`):
+every forward then runs locally without collectives, so ranks may stop after different numbers of steps.
+
+Left out: beam search, repetition penalties, speculative decoding, stop strings (stop ids only), video, attention
+implementations other than `sdpa` and `eager` (flash-attention kernels take no 4-D mask), sliding-window layers.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -59,14 +73,175 @@ class Rollout:
         return self.response_mask.sum(-1)
 
 
+@torch.no_grad()
+def sample(
+    model,
+    prompts: dict,
+    *,
+    n: int,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    generator: torch.Generator | None = None,
+    eos_ids: list[int] | None = None,
+    pad_id: int | None = None,
+    tokenizer=None,
+    suppress_ids: list[int] | None = None,
+    compile: bool = False,
+) -> Rollout:
+    """Sample `n` responses for each prompt of the left-padded batch `prompts`; see the module docstring.
+
+    `compile=True` runs the decode step through `torch.compile` ("reduce-overhead", i.e. CUDA graphs, on a GPU);
+    the first call pays the compilation (tens of seconds), later calls with the same shapes reuse it.
+    """
+    if n < 1 or max_new_tokens < 1:
+        raise ValueError(f"sample: n and max_new_tokens must be >= 1, got n={n}, max_new_tokens={max_new_tokens}")
+    if temperature < 0 or not 0 < top_p <= 1 or top_k < 0:
+        raise ValueError(f"sample: need temperature >= 0, 0 < top_p <= 1, top_k >= 0; "
+                         f"got {temperature}, {top_p}, {top_k}")
+    if eos_ids is None:
+        eos_ids = eos_token_ids(model)
+    if not eos_ids:
+        raise ValueError("sample: no eos_ids given and model.generation_config has none: rows would never stop")
+    if pad_id is None:
+        pad_id = model.generation_config.pad_token_id
+        pad_id = eos_ids[0] if pad_id is None else pad_id
+    boolean_mask = _takes_boolean_mask(model)
+    device = prompts["input_ids"].device
+    eos = torch.tensor(eos_ids, device=device)
+    suppress = torch.tensor(placeholder_ids(model) if suppress_ids is None else suppress_ids, dtype=torch.long,
+                            device=device)
+
+    # Inference mode: no autograd bookkeeping on any op (about a tenth of a small model's decode step on a CPU);
+    # the results are cloned out of it below, so the training step may save them for backward.
+    with torch.inference_mode():
+        logits, rope_deltas, prompt_cache = prefill(model, prompts)            # (N, V), (N, 1)
+        prompt_mask = prompts["attention_mask"]                                # (N, P)
+        cache = StaticKVCache(prompt_cache, prompt_mask, n=n, length=prompt_mask.shape[1] + max_new_tokens - 1,
+                              boolean_mask=boolean_mask)
+        del prompt_cache
+        logits = logits.repeat_interleave(n, dim=0)                            # (B, V)
+        # Position of the token fed at decode step t: real prompt tokens + rope delta + t (same on all 3 axes).
+        first_position = (prompt_mask.sum(-1, keepdim=True) + rope_deltas).repeat_interleave(n, dim=0)  # (B, 1)
+        decode = _compiled_decode(cache) if compile else decode_one
+
+        rows = logits.shape[0]
+        response_ids = torch.full((rows, max_new_tokens), pad_id, dtype=torch.long, device=device)  # (B, T_max)
+        logprobs = torch.zeros(rows, max_new_tokens, device=device)           # (B, T_max) float32
+        done = torch.zeros(rows, dtype=torch.bool, device=device)              # (B,)
+        for t in range(max_new_tokens):
+            token, logp = sample_next(logits, temperature=temperature, top_p=top_p, top_k=top_k, generator=generator,
+                                      suppress=suppress)
+            token = torch.where(done, pad_id, token)                           # (B,) finished rows emit pad
+            response_ids[:, t] = token
+            logprobs[:, t] = logp
+            done = done | torch.isin(token, eos)
+            if t == max_new_tokens - 1 or bool(done.all()):
+                break
+            if t == 0:
+                # The first step runs eagerly and proves that every attention layer wrote its static buffers (the
+                # prefill check only proved the keyword): a cache the layers bypass would decode wrong, silently.
+                logits = decode_one(model, token, first_position, cache)
+                if cache.writes != cache.layers:
+                    raise RuntimeError(f"decode: {cache.writes} of {cache.layers} attention layers wrote the KV cache")
+            else:
+                logits = decode(model, token, first_position + t, cache)
+
+    steps = t + 1
+    response_ids = response_ids[:, :steps].clone()                             # (B, T)
+    logprobs = logprobs[:, :steps].clone()                                     # (B, T)
+    is_eos = torch.isin(response_ids, eos)
+    # 1 through the first EOS: EOS stays in the loss so the policy learns to stop (pad may equal an EOS id).
+    before_first_eos = (is_eos.long().cumsum(-1) - is_eos.long()) == 0
+    response_mask = before_first_eos.long()                                    # (B, T)
+    finish_reason = ["eos" if hit else "length" for hit in is_eos.any(-1).tolist()]
+    texts = tokenizer.batch_decode(response_ids * response_mask + pad_id * (1 - response_mask),
+                                   skip_special_tokens=True) if tokenizer is not None else None
+    return Rollout(
+        prompt_index=torch.arange(prompts["input_ids"].shape[0], device=device).repeat_interleave(n),
+        response_ids=response_ids, response_mask=response_mask,
+        logprobs=logprobs * response_mask, finish_reason=finish_reason, texts=texts,
+    )
+
+
+@torch.no_grad()
+def prefill(model, prompts: dict) -> tuple[torch.Tensor, torch.Tensor, DynamicCache]:
+    """Run the N prompts through the model once; return last-position logits (N, V), rope deltas (N, 1) and the
+    filled cache, after checking that it really holds the P prompt positions."""
+    position_ids, rope_deltas = mrope_positions(model, prompts)                # (3, N, P), (N, 1)
+    cache = DynamicCache(config=model.config)
+    out = model(
+        input_ids=prompts["input_ids"], attention_mask=prompts["attention_mask"], position_ids=position_ids,
+        pixel_values=prompts.get("pixel_values"), image_grid_thw=prompts.get("image_grid_thw"),
+        cache=cache, use_cache=True, logits_to_keep=1,
+    )
+    prompt_len = prompts["input_ids"].shape[1]
+    if cache.get_seq_length() != prompt_len:
+        # A renamed cache keyword lands in **kwargs and is ignored: decoding would see one token per step.
+        raise RuntimeError(
+            f"prefill: the KV cache holds {cache.get_seq_length()} positions after a {prompt_len}-token prompt; "
+            "the model did not fill it (has transformers renamed its `cache=` forward argument?)"
+        )
+    return out.logits[:, -1], rope_deltas, cache
+
+
+class StaticKVCache:
+    """Preallocated keys and values for the decode loop, plus its attention mask (see the module docstring, step 2).
+
+    transformers' attention layers call `update(key, value, layer_idx)` with this step's (B, H_kv, 1, D) key and
+    value; it writes them into column `column` and returns the whole (B, H_kv, L, D) buffers. `decode_one` opens
+    the column in `mask` before the forward and advances `column` after it.
+    """
+
+    def __init__(self, prompt_cache: DynamicCache, prompt_mask: torch.Tensor, *, n: int, length: int,
+                 boolean_mask: bool):
+        prompt_len = prompt_mask.shape[1]
+        self.keys, self.values = [], []
+        for layer in prompt_cache.layers:
+            for prompt_kv, buffers in ((layer.keys, self.keys), (layer.values, self.values)):
+                rows, heads, _, dim = prompt_kv.shape                          # (N, H_kv, P, D)
+                buffer = prompt_kv.new_zeros(rows * n, heads, length, dim)     # (B, H_kv, L, D)
+                buffer[:, :, :prompt_len] = prompt_kv.repeat_interleave(n, dim=0)
+                buffers.append(buffer)
+        self.layers = len(self.keys)
+        device = prompt_mask.device
+        # sdpa takes a boolean mask (True = attend), eager an additive one (0 = attend, dtype min = blocked).
+        dtype = torch.bool if boolean_mask else self.keys[0].dtype
+        self.open, closed = (True, False) if boolean_mask else (0.0, torch.finfo(dtype).min)
+        mask = torch.full((prompt_mask.shape[0], length), closed, device=device, dtype=dtype)  # (N, L)
+        mask[:, :prompt_len].masked_fill_(prompt_mask.bool(), self.open)
+        self.mask = mask.repeat_interleave(n, dim=0)                           # (B, L)
+        self.column = torch.tensor([prompt_len], device=device)                # (1,) slot of the next token
+        self.writes = 0                                                        # update calls, checked once
+
+    def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args, **kwargs):
+        self.keys[layer_idx].index_copy_(2, self.column, key)                  # (B, H_kv, L, D) <- (B, H_kv, 1, D)
+        self.values[layer_idx].index_copy_(2, self.column, value)
+        if not torch.compiler.is_compiling():
+            self.writes += 1  # counted eagerly only: a Python int inside a compiled step would force recompiles
+        return self.keys[layer_idx], self.values[layer_idx]
+
+
+def decode_one(model, token: torch.Tensor, position: torch.Tensor, cache: StaticKVCache) -> torch.Tensor:
+    """Feed one token per row (B,) at M-RoPE position (B, 1); return the next logits (B, V). Static shapes."""
+    cache.mask.index_fill_(1, cache.column, cache.open)                        # (B, L) the token sees itself
+    out = model(
+        input_ids=token[:, None], attention_mask={"full_attention": cache.mask[:, None, None, :]},
+        position_ids=position[None].expand(3, -1, -1), cache=cache, use_cache=True,
+    )
+    cache.column.add_(1)
+    return out.logits[:, -1]
+
+
 def sample_next(
     logits: torch.Tensor, *, temperature: float, top_p: float, top_k: int, generator: torch.Generator | None,
-    suppress_ids: list[int] = (),
+    suppress: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Draw one token per row from logits (B, V); return it (B,) and its log-prob under softmax(logits / T) (B,)."""
     logits = logits.float()
-    if len(suppress_ids):
-        logits[:, list(suppress_ids)] = float("-inf")
+    if suppress is not None and suppress.numel():
+        logits = logits.index_fill(-1, suppress, float("-inf"))
     if temperature == 0:
         token = logits.argmax(-1)                                             # (B,)
         return token, torch.log_softmax(logits, -1).gather(-1, token[:, None]).squeeze(-1)
@@ -88,97 +263,30 @@ def sample_next(
     return token, logp.gather(-1, token[:, None]).squeeze(-1)
 
 
-@torch.no_grad()
-def prefill(model, prompts: dict, cache: DynamicCache) -> tuple[torch.Tensor, torch.Tensor]:
-    """Run the prompt through the model once; return last-position logits (N, V) and rope deltas (N, 1)."""
-    position_ids, rope_deltas = mrope_positions(model, prompts)                # (3, N, P), (N, 1)
-    out = model(
-        input_ids=prompts["input_ids"], attention_mask=prompts["attention_mask"], position_ids=position_ids,
-        pixel_values=prompts.get("pixel_values"), image_grid_thw=prompts.get("image_grid_thw"),
-        past_key_values=cache, use_cache=True, logits_to_keep=1,
-    )
-    return out.logits[:, -1], rope_deltas
+def _takes_boolean_mask(model) -> bool:
+    """Whether the model's attention takes a boolean 4-D mask (sdpa) or an additive one (eager); raise otherwise."""
+    attention = model.config._attn_implementation
+    if attention not in ("sdpa", "eager"):
+        raise ValueError(f"sample: attention implementation {attention!r} takes no 4-D mask; load the policy with "
+                         "attn_implementation='sdpa' (or 'eager')")
+    layer_types = set(model.config.get_text_config(decoder=True).layer_types)
+    if layer_types != {"full_attention"}:
+        raise ValueError(f"sample: only full-attention decoder layers are supported, got {sorted(layer_types)}")
+    return attention == "sdpa"
 
 
-@torch.no_grad()
-def decode_one(model, token: torch.Tensor, attention_mask: torch.Tensor, rope_deltas: torch.Tensor,
-               cache: DynamicCache) -> torch.Tensor:
-    """Feed one token per row (B,) whose slot is already in `attention_mask` (B, L); return next logits (B, V)."""
-    position = attention_mask.sum(-1, keepdim=True) - 1 + rope_deltas           # (B, 1)
-    out = model(
-        input_ids=token[:, None], attention_mask=attention_mask, position_ids=position[None].expand(3, -1, -1),
-        past_key_values=cache, use_cache=True,
-    )
-    return out.logits[:, -1]
+def _compiled_decode(cache: StaticKVCache):
+    # CUDA graphs ("reduce-overhead") remove the per-kernel launch cost that bounds a decode step on a GPU; a CPU
+    # has no graphs to replay, so inductor's fused kernels are all compilation buys there. The cache's tensors are
+    # written in place at fixed addresses: marked static, a CUDA graph captures them instead of copying them in.
+    for tensor in (*cache.keys, *cache.values, cache.mask, cache.column):
+        torch._dynamo.mark_static_address(tensor)
+    mode = "reduce-overhead" if cache.mask.device.type == "cuda" else "default"
+    compiled = torch.compile(decode_one, mode=mode)
 
+    def step(model, token, position, cache):
+        # Each call is a new step: the previous step's logits (already sampled from) may be overwritten in place.
+        torch.compiler.cudagraph_mark_step_begin()
+        return compiled(model, token, position, cache)
 
-@torch.no_grad()
-def sample(
-    model,
-    prompts: dict,
-    *,
-    n: int,
-    max_new_tokens: int,
-    temperature: float = 1.0,
-    top_p: float = 1.0,
-    top_k: int = 0,
-    generator: torch.Generator | None = None,
-    eos_ids: list[int] | None = None,
-    pad_id: int | None = None,
-    tokenizer=None,
-    all_done: Callable[[bool], bool] | None = None,
-    suppress_ids: list[int] | None = None,
-) -> Rollout:
-    """Sample `n` responses for each prompt of the left-padded batch `prompts`; see the module docstring."""
-    if n < 1 or max_new_tokens < 1:
-        raise ValueError(f"sample: n and max_new_tokens must be >= 1, got n={n}, max_new_tokens={max_new_tokens}")
-    if temperature < 0 or not 0 < top_p <= 1 or top_k < 0:
-        raise ValueError(f"sample: need temperature >= 0, 0 < top_p <= 1, top_k >= 0; got {temperature}, {top_p}, {top_k}")
-    gen_cfg = model.generation_config
-    if eos_ids is None:
-        eos_ids = eos_token_ids(model)
-    if not eos_ids:
-        raise ValueError("sample: no eos_ids given and model.generation_config has none: rows would never stop")
-    pad_id = pad_id if pad_id is not None else (gen_cfg.pad_token_id if gen_cfg.pad_token_id is not None else eos_ids[0])
-    device = prompts["input_ids"].device
-    eos = torch.tensor(eos_ids, device=device)
-    suppress_ids = placeholder_ids(model) if suppress_ids is None else suppress_ids
-
-    cache = DynamicCache(config=model.config)
-    logits, rope_deltas = prefill(model, prompts, cache)                       # (N, V), (N, 1)
-    cache.batch_repeat_interleave(n)
-    logits = logits.repeat_interleave(n, dim=0)                                # (B, V)
-    rope_deltas = rope_deltas.repeat_interleave(n, dim=0)                      # (B, 1)
-    attention_mask = prompts["attention_mask"].repeat_interleave(n, dim=0)     # (B, P)
-    rows = logits.shape[0]
-
-    tokens, logps = [], []
-    done = torch.zeros(rows, dtype=torch.bool, device=device)                  # (B,)
-    for step in range(max_new_tokens):
-        token, logp = sample_next(logits, temperature=temperature, top_p=top_p, top_k=top_k, generator=generator,
-                                  suppress_ids=suppress_ids)
-        token = torch.where(done, pad_id, token)                               # (B,) finished rows emit pad
-        tokens.append(token)
-        logps.append(torch.where(done, 0.0, logp))
-        done = done | torch.isin(token, eos)
-        finished = bool(done.all())
-        if all_done is not None:
-            finished = all_done(finished)
-        if finished or step == max_new_tokens - 1:
-            break
-        attention_mask = torch.cat([attention_mask, attention_mask.new_ones(rows, 1)], dim=1)  # (B, P + step + 1)
-        logits = decode_one(model, token, attention_mask, rope_deltas, cache)
-
-    response_ids = torch.stack(tokens, dim=1)                                  # (B, T)
-    is_eos = torch.isin(response_ids, eos)
-    # 1 through the first EOS: EOS stays in the loss so the policy learns to stop (pad may equal an EOS id).
-    before_first_eos = (is_eos.long().cumsum(-1) - is_eos.long()) == 0
-    response_mask = before_first_eos.long()                                    # (B, T)
-    finish_reason = ["eos" if hit else "length" for hit in is_eos.any(-1).tolist()]
-    texts = tokenizer.batch_decode(response_ids * response_mask + pad_id * (1 - response_mask),
-                                   skip_special_tokens=True) if tokenizer is not None else None
-    return Rollout(
-        prompt_index=torch.arange(prompts["input_ids"].shape[0], device=device).repeat_interleave(n),
-        response_ids=response_ids, response_mask=response_mask,
-        logprobs=torch.stack(logps, dim=1) * response_mask, finish_reason=finish_reason, texts=texts,
-    )
+    return step

@@ -1,54 +1,39 @@
 r"""The rule verifier: the rule-based half of HARMO's hybrid accuracy reward.
 
-`verify(response, gold, choices=None)` decides whether a model's final answer matches the gold answer of a
-verifiable item (math, geometry, charts, multiple choice), with a confidence that tells the combiner when to
-trust the decision. `verify_batch` scores a rollout batch, optionally in a persistent pool of worker processes.
+`verify(response, gold, choices=None)` decides whether a response's final answer matches the gold answer of a
+checkable item (math, geometry, charts, multiple choice), with a confidence that tells the combiner when to trust
+the decision. `verify_batch` scores a rollout batch, optionally in persistent worker processes.
 
     >>> verify(r"so the area is <answer>\frac{1}{2}</answer>", "0.5")
     Verdict(correct=True, confidence=1.0, pred='\\frac{1}{2}', reason='numeric')
 
 Pipeline, cheapest first (most rollouts never reach sympy):
-1. Extraction (`extract_answer`): the last <answer>...</answer> block (`answer_block`, tags in any case; a
-   \boxed{} inside it is unwrapped), else the last \boxed{...} or \fbox{...} (`last_boxed`: balanced braces; a
-   malformed last box is no answer, an earlier one never counts), else the last "the answer is ..." / "Answer: ..."
-   phrase, else a bare reply of one short line. rewards.py reads answers with the same two parsers.
-2. Size guards, before any other work: a gold or prediction over MAX_ANSWER_CHARS is not an answer.
+1. Extraction: the last <answer>...</answer> block (`answer_block`; a \boxed{} inside is unwrapped), else the last
+   \boxed{} or \fbox{} (`last_boxed`; a malformed last box is no answer, an earlier one never counts), else the last
+   "the answer is ..." / "Answer: ..." phrase, else a bare one-line reply. rewards.py reads answers the same way.
+2. Size guards before any other work: a gold or prediction over MAX_ANSWER_CHARS is not an answer.
 3. Exact match after light normalisation (whitespace, $, \left/\right, \dfrac).
-4. Multiple choice when `choices` is given or the gold is a capital letter: `B`, `(B)`, `Option B`,
-   `B. 5 cm`, or the option's own text (compared like any answer) all map to a letter.
-5. Plain-text golds ("Yes", "Eiffel Tower"): normalised strings (case, punctuation and articles ignored;
-   brackets count, so an unbalanced or bracket-padded prediction never matches).
-6. Math: our own LaTeX/unicode normaliser, then structure (sets order-free; tuples and intervals ordered;
-   unions), equations (`x = 5` vs `5`; sides swapped or scaled), units, degrees and percent (stripped; two
-   different stated units disagree), then plain numbers as exact Fractions in this process; only the rest
-   reaches sympy, through our own recursive-descent parser that builds sympy objects (no eval/parse_expr).
-   Numbers: equal, or the gold is given to k decimals and a more precise prediction rounds to it (MathVista
-   style: 4/3 vs 1.33), or the prediction has >= 2 decimals and an exact gold rounds to it.
-   Expressions: a - b is 0 after sympy's automatic simplification, or vanishes (relative 1e-9) at five
-   sample points where every symbol gets its own value (so x and y differ), else sympy.simplify decides.
+4. Multiple choice (`choices` given, or a capital-letter gold): `B`, `(B)`, `Option B` or the option's own text.
+5. Plain-text golds ("Yes", "Eiffel Tower"): normalised strings; case, punctuation and articles are ignored,
+   brackets are not (an unbalanced or bracket-padded prediction never matches).
+6. Math: our LaTeX/unicode normaliser; sets (order-free), tuples, intervals, unions; equations (`x = 5` vs `5`,
+   sides swapped or scaled); units, degrees and percent; plain numbers as exact Fractions here, the rest in sympy
+   through our own recursive-descent parser (no eval). Numbers are equal, or the gold has k decimals and a more
+   precise prediction rounds to it (4/3 vs 1.33), or the prediction has >= 2 decimals and an exact gold rounds to
+   it. Expressions: a - b is 0, or vanishes (relative 1e-9) at five points where each symbol gets its own value,
+   else sympy.simplify decides.
 
-Confidence (the combiner routes a verdict below its min_confidence to the reward model):
-    exact, numeric, symbolic, choice   1.0  both sides parsed and compared exactly or symbolically
-    no_answer                          1.0  incorrect: nothing could be extracted
-    too_large                          1.0  incorrect: the prediction trips a size guard (> MAX_ANSWER_CHARS,
-                                            > 300 chars of math, power tower, factorial chain, deep nesting);
-                                            no gold is written like that, and rewarding such output is wrong
-    string, unit, choice without texts WEAK (0.6): a fallback decided, see WEAK
-    gold_unparseable, timeout, error   0.0  incorrect because we do not know: route it elsewhere
-An unparseable gold (empty, unbalanced braces, math we cannot parse) never yields correct=True; only the
-exact stage (the prediction is the same text) comes before that check.
+Confidence: 1.0 when both sides were parsed and compared (exact, numeric, symbolic, choice) and for the
+confidently wrong no_answer and too_large (a hostile answer that trips a size guard); WEAK when a fallback decided
+(string, unit, a letter gold without option texts); 0.0 with correct=False when we cannot know (gold_unparseable,
+timeout, error): the combiner routes it elsewhere. Only the exact stage comes before the gold-parsing check.
 
-Bounded on any text, in any process. Every regex is linear-time (no pattern can backtrack over a run of
-whitespace or braces) and the size guards come first, so the pure-Python stages take milliseconds even on a
-200 KB response. Sympy work runs in one persistent worker process per calling process, started with os.fork
-(which multiprocessing.Pool workers and daemon processes may use; multiprocessing.Process they may not) and
-reused (one pipe round trip, ~0.05 ms). The caller waits at most `timeout_s`, then SIGKILLs it (which stops
-even a C-level big-integer loop, unlike signal.alarm) and the next call forks a fresh one. Threads share the
-worker under a lock; waiting for it counts against their timeout. `verify_batch(workers=N)` shares a batch
-between the caller and N forked processes kept alive across calls (started lazily, replaced when one dies,
-never shared with a forked child, killed at exit), each with its own sympy worker. A bug hit by hostile text
-becomes reason "error". What propagates says nothing about the text: OSError (the machine cannot fork or pipe)
-and RuntimeError from verify_batch when a pool worker dies or stops answering. Needs os.fork (POSIX).
+Bounded on any text: linear-time regexes, size guards first, and sympy in one persistent worker process per
+calling process, forked with os.fork (allowed in daemon and multiprocessing.Pool workers, unlike
+multiprocessing.Process), SIGKILLed after `timeout_s` (which stops even a C-level big-integer loop, unlike
+signal.alarm) and forked afresh by the next call. Threads share it under a lock; waiting counts against their
+timeout. A bug hit by hostile text becomes reason "error"; what propagates says nothing about the text: OSError
+(cannot fork or pipe) and RuntimeError from verify_batch when a pool worker dies or hangs. Needs os.fork (POSIX).
 
 Left out: matrices, \pm, unit conversion (0.5 m vs 50 cm), degrees vs radians, ratios (1:2), intervals vs
 inequalities (`x > 3` vs `(3, \infty)`), log base conventions (log is natural), number words beyond twelve.
@@ -84,9 +69,7 @@ MAX_INT_ARG = 1000  # largest factorial / binomial argument and integer power of
 MAX_ITEMS = 32  # elements of a set or tuple
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Public API
-
+# ----------------------------------------------------------------------------------------------------------- public API
 @dataclass(frozen=True)
 class Verdict:
     correct: bool
@@ -121,8 +104,7 @@ def verify(response: str, gold: str, *, choices: list[str] | None = None, timeou
 def verify_batch(items: Sequence[tuple[str, str, list[str] | None]], *, workers: int = 0,
                  timeout_s: float = 1.0) -> list[Verdict]:
     """Verdicts for (response, gold[, choices]) items in input order. workers > 0 shares them between this
-    process and that many persistent worker processes (started on first use, reused by later calls), each with
-    its own sympy worker."""
+    process and that many worker processes, started on first use and reused by later calls."""
     if workers <= 0 or len(items) <= 1:
         return _verify_items((items, timeout_s))
     with _pool_lock:
@@ -168,9 +150,7 @@ def last_boxed(text: str) -> str | None:
     return m.group() if m and j > k else None
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Extraction helpers
-
+# ----------------------------------------------------------------------------------------------------------- extraction
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 _ASCII_LOWER = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrstuvwxyz")
 _BRACE = re.compile(r"[{}]")
@@ -230,9 +210,7 @@ def _gold_text(gold) -> str | None:
     return text
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Normalisation: LaTeX and unicode to the small plain-math language our parser reads
-
+# -------------------------------------------------- normalisation: LaTeX and unicode to the plain math our parser reads
 _FUNCS = {"sqrt", "sin", "cos", "tan", "cot", "sec", "csc", "arcsin", "arccos", "arctan", "sinh", "cosh",
           "tanh", "log", "ln", "exp", "abs", "binomial"}
 _GREEK = {"alpha", "beta", "gamma", "delta", "epsilon", "varepsilon", "zeta", "eta", "theta", "vartheta",
@@ -378,16 +356,13 @@ def _thousands(s: str) -> str:
     return m[1].replace(",", "") + m[2] if m else s
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Comparing two answers
-
+# ------------------------------------------------------------------------------------------------ comparing two answers
 class _Fail(Exception):
     """Ends a comparison early; args[0] is the reason (unparseable, too_large, timeout, unit, ...)."""
 
 
 @dataclass
 class _Comparison:
-    """The state of one comparison: its deadline and whether sympy decided part of it."""
     deadline: float  # time.monotonic() by which the whole comparison must be done
     used_sympy: bool = False  # decides the reason: "symbolic" rather than "numeric"
 
@@ -547,9 +522,7 @@ def _decide(pred: str, gold: str, choices: list[str] | None, deadline: float) ->
     return False, 1.0 if reason == "too_large" else 0.0, reason
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Numbers, units and percent: the pure-Python fast path
-
+# ---------------------------------------------------------------- numbers, units and percent: the pure-Python fast path
 _D = r"(\d+(?:\.\d*)?|\.\d+)"
 _NUM_RE = re.compile(rf"([-+]?)\(?{_D}(?:[eE]([-+]?\d{{1,3}})|\s*\*\s*10\s*\^\s*\(?([-+]?\d{{1,3}})\)?)?\)?")
 _FRAC_RE = re.compile(rf"([-+]?)\(?\(?{_D}\)?\s*/\s*\(?{_D}\)?\)?")
@@ -599,12 +572,11 @@ def _split_unit(s: str) -> tuple[str, str]:
     return m["val"].strip(), _UNIT_ALIAS.get(unit, unit)
 
 
-# ----------------------------------------------------------------------------------------------------------
-# The sympy stage (runs in the worker): tokenizer, guarded recursive-descent parser, comparison
-
+# ----------------------------- the sympy stage (in the worker): tokenizer, guarded recursive-descent parser, comparison
 _TOKEN = re.compile(r"\s*(?:(\d+(?:\.\d*)?(?:[eE][-+]?\d+)?|\.\d+)|([A-Za-z]+(?:_[A-Za-z0-9]+)?)"
                     r"|(\*\*|<=|>=|!=|[-+*/^()!=<>,|_]))")
 _CONSTANTS = {"pi": sympy.pi, "oo": sympy.oo, "e": sympy.E, "i": sympy.I}
+_FUNC_ALIAS = {"ln": sympy.log, "abs": sympy.Abs, "arcsin": sympy.asin, "arccos": sympy.acos, "arctan": sympy.atan}
 
 
 def _tokens(s: str) -> list[tuple[str, str]]:
@@ -642,18 +614,11 @@ def _pow(b: sympy.Expr, e: sympy.Expr) -> sympy.Expr:
 
 
 def _small(x: sympy.Expr) -> sympy.Expr:
-    if x.is_Number and x.is_finite and abs(x) > MAX_INT_ARG:
-        raise _Fail("too_large")  # (10!)! and binomial(10^5, 5*10^4)
+    """A factorial / binomial argument: a symbol (n!) or an integer up to MAX_INT_ARG. Any other number is refused:
+    (10!)!, binomial(10^5, 5*10^4) and e!!! (sympy evaluates the gamma function until mpmath overflows)."""
+    if x.is_number and not (x.is_Integer and abs(x) <= MAX_INT_ARG):
+        raise _Fail("too_large")
     return x
-
-
-def _call(name: str, args: list[sympy.Expr]) -> sympy.Expr:
-    if name == "binomial" and len(args) == 2:
-        return sympy.binomial(_small(args[0]), _small(args[1]))
-    if len(args) != 1 and name != "log":
-        raise _Fail("unparseable")
-    alias = {"ln": sympy.log, "abs": sympy.Abs, "arcsin": sympy.asin, "arccos": sympy.acos, "arctan": sympy.atan}
-    return (alias.get(name) or getattr(sympy, name))(*args)
 
 
 class _Parser:
@@ -731,7 +696,14 @@ class _Parser:
                 raise _Fail("unparseable")
         else:
             args = [self.factor()]  # \sqrt 2, \sin x
-        out = _call(val, args if base is None else args + [base])
+        if val == "binomial" and len(args) == 2:
+            out = sympy.binomial(_small(args[0]), _small(args[1]))
+        elif val == "log":
+            out = sympy.log(*args) if base is None else sympy.log(*args, base)
+        elif len(args) == 1:
+            out = (_FUNC_ALIAS.get(val) or getattr(sympy, val))(args[0])
+        else:
+            raise _Fail("unparseable")
         return out if exp is None else _pow(out, exp)
 
 
@@ -801,25 +773,23 @@ def _sympy_compare(p: str, g: str, pd: int | None, gd: int | None) -> bool:
     return _values_equal(px, gx, pd, gd)
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Worker processes: forked with os.fork, which daemonic processes (multiprocessing.Pool workers) may call,
-# where multiprocessing.Process.start() refuses ("daemonic processes are not allowed to have children")
-
+# -------------------------------------------------------------------------------------------------------------- workers
 class _Child:
-    """A forked process that answers each job sent over a pipe with `handle(job)`, until the pipe closes."""
+    """A forked process that answers each job sent over a pipe with `handle(job)`, until the pipe closes. Forked
+    with os.fork, which daemonic processes (multiprocessing.Pool workers) may call, where
+    multiprocessing.Process.start() refuses ("daemonic processes are not allowed to have children")."""
 
     def __init__(self, handle: Callable):
         self.conn, child_end = Pipe()
         self.pid = os.fork()
         if self.pid == 0:
-            code = 1
             try:
                 self.conn.close()  # only the parent holds this end now: its death gives us EOF, not an orphan
                 signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is for the parent; its exit ends us
-                _serve(child_end, handle)
-                code = 0
+                while True:  # until recv raises EOFError: the parent closed its end or died
+                    child_end.send(handle(child_end.recv()))
             finally:
-                os._exit(code)  # never return into the caller's code, never run its atexit handlers
+                os._exit(0)  # never return into the caller's code, never run its atexit handlers
         child_end.close()
 
     def alive(self) -> bool:
@@ -835,15 +805,6 @@ class _Child:
         except (ProcessLookupError, ChildProcessError):
             pass  # it had exited and been reaped already: nothing left to stop
         self.conn.close()
-
-
-def _serve(conn, handle: Callable) -> None:
-    while True:
-        try:
-            job = conn.recv()
-        except (EOFError, OSError):
-            return
-        conn.send(handle(job))
 
 
 def _sympy_job(job: tuple) -> tuple[str, object]:
@@ -902,10 +863,9 @@ def _pool_map(items: list, workers: int, timeout_s: float) -> list[Verdict]:
     """verify_batch's parallel path (called under _pool_lock): the items in workers + 1 contiguous shares, one
     for each pool worker and the last for this process, which would otherwise sit idle waiting for them."""
     global _pool
-    dead = [child for child in _pool if not child.alive()]
-    for child in dead:
+    for child in [child for child in _pool if not child.alive()]:
         child.kill()
-    _pool = [child for child in _pool if child not in dead]  # a larger pool from an earlier call stays: no churn
+        _pool.remove(child)  # the live ones stay, a larger pool from an earlier call too: no churn
     while len(_pool) < workers:  # one at a time: each fork sees (and closes its copies of) the ones before it
         _pool.append(_Child(_verify_items))
     size = -(-len(items) // (workers + 1))

@@ -68,3 +68,10 @@ def test_world_size_and_reward_section_are_checked_before_any_model_loads():
 def test_shipped_configs_are_valid():
     for name, world in [("tiny", 1), ("qwen2_5_vl_3b", 8), ("qwen2_5_vl_7b", 8)]:
         train.check_config(_load(f"configs/{name}.yaml"), world_size=world)
+
+
+def test_flags_may_follow_the_overrides():
+    from harmo_min.config import parse_run_args
+
+    args = parse_run_args(["--config", "x.yaml", "a.b=1", "--overwrite", "c=2"], description="", default_config="d")
+    assert args.overwrite and args.overrides == ["a.b=1", "c=2"] and args.config == "x.yaml"

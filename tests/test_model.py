@@ -49,3 +49,22 @@ def test_missing_checkpoint_says_no_download(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="config.json"):
         load_policy(tmp_path / "empty")
+
+
+def test_a_folders_processor_chat_template_wins_and_a_missing_one_is_an_error(tmp_path, tiny):
+    """Qwen ships its multimodal template as the processor's chat_template.json; it must not be replaced silently."""
+    import json
+
+    from harmo_min.model import ImageProcessor
+
+    _, processor = tiny
+    processor.save_pretrained(tmp_path)
+    (tmp_path / "chat_template.jinja").unlink()
+    (tmp_path / "chat_template.json").write_text(json.dumps({"chat_template": "{{ 'custom' }}"}))
+    assert ImageProcessor.from_pretrained(tmp_path).chat_template == "{{ 'custom' }}"
+    (tmp_path / "chat_template.json").unlink()
+    config = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    config.pop("chat_template", None)
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="no chat template"):
+        ImageProcessor.from_pretrained(tmp_path)

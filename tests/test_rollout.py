@@ -1,13 +1,17 @@
 """The hand-written sampler against Hugging Face `generate` and a plain full forward."""
 
+import contextlib
+import inspect
+
 import pytest
 import torch
 
+from benchmarks.bench_rollout import build_qwen25_vl_3b, measure_decode
+from harmo_min import rollout
 from harmo_min.data import Example, encode_prompts
-
-from harmo_min.synthetic import synthetic_examples
-from harmo_min.model import placeholder_ids
+from harmo_min.model import build_tiny, placeholder_ids
 from harmo_min.rollout import sample
+from harmo_min.synthetic import synthetic_examples
 
 
 def _greedy_generate(model, batch, max_new_tokens):
@@ -157,6 +161,16 @@ def test_sampler_logprobs_equal_full_forward(tiny, temperature, top_p):
     assert torch.allclose(r.logprobs, ref * r.response_mask, atol=1e-4), (r.logprobs - ref).abs().max()
 
 
+def test_rollout_tensors_can_be_saved_for_backward(tiny):
+    # The sampler decodes in inference mode; what it returns must still be usable by the training step's autograd.
+    model, processor = tiny
+    batch = _prompts(processor, synthetic_examples(1, seed=2))
+    r = sample(model, batch, n=2, max_new_tokens=5, temperature=1.0, generator=torch.Generator().manual_seed(0))
+    weight = torch.ones((), requires_grad=True)
+    (weight * r.logprobs * r.response_mask).sum().backward()  # mul saves both operands for backward
+    assert not any(t.is_inference() for t in (r.prompt_index, r.response_ids, r.response_mask, r.logprobs))
+
+
 def test_texts_are_decoded_without_pad(tiny):
     model, processor = tiny
     batch = _prompts(processor, synthetic_examples(1, seed=2))
@@ -186,3 +200,122 @@ def test_bad_arguments_raise(tiny):
     del batch["mm_token_type_ids"]
     with pytest.raises(ValueError, match="mm_token_type_ids"):
         sample(model, batch, n=1, max_new_tokens=4)
+
+
+@contextlib.contextmanager
+def _keywords_ignored(model, *names):
+    """Simulate a transformers release that no longer knows the keyword(s) `names` (as 5.40 drops
+    `past_key_values`): every module whose forward takes a `cache` argument silently drops them from its keyword
+    arguments, as an unknown keyword landing in `**kwargs` would be ignored."""
+    wrapped = []
+    for module in model.modules():
+        if "cache" not in inspect.signature(module.forward).parameters:
+            continue
+        original = module.forward
+
+        def forward(*args, _original=original, **kwargs):
+            for name in names:
+                kwargs.pop(name, None)
+            return _original(*args, **kwargs)
+
+        module.forward = forward
+        wrapped.append(module)
+    assert wrapped, "no module takes a cache argument: the simulation would test nothing"
+    try:
+        yield
+    finally:
+        for module in wrapped:
+            del module.forward
+
+
+def test_sampler_survives_the_removal_of_past_key_values(tiny):
+    # transformers 5.40 removes the `past_key_values=` alias of `cache=`: the sampler must not depend on it.
+    model, processor = tiny
+    batch = _prompts(processor, synthetic_examples(3, seed=5))
+    expected = _greedy_generate(model, batch, 12)
+    with _keywords_ignored(model, "past_key_values"):
+        ours = sample(model, batch, n=1, max_new_tokens=12, temperature=0, eos_ids=[-1])
+    assert torch.equal(ours.response_ids, expected)
+
+
+def test_a_cache_the_model_never_fills_raises_instead_of_decoding_wrong(tiny):
+    # A future rename of the cache keyword must never decode silently with an empty cache.
+    model, processor = tiny
+    batch = _prompts(processor, synthetic_examples(2, seed=5))
+    with _keywords_ignored(model, "past_key_values", "cache"):
+        with pytest.raises(RuntimeError, match="cache"):
+            sample(model, batch, n=2, max_new_tokens=6, temperature=1.0, generator=torch.Generator().manual_seed(0))
+
+
+def test_decode_writes_in_place_into_buffers_allocated_once(tiny, monkeypatch):
+    # The static cache: every step writes into the same preallocated (B, H_kv, P + max_new - 1, D) buffers and
+    # attends under the same preallocated mask; nothing is concatenated or reallocated per step.
+    model, processor = tiny
+    batch = _prompts(processor, synthetic_examples(2, seed=1))
+    seen = []
+    original = rollout.StaticKVCache.update
+
+    def update(self, key, value, layer_idx, *args, **kwargs):
+        keys, values = original(self, key, value, layer_idx, *args, **kwargs)
+        seen.append((layer_idx, keys.data_ptr(), values.data_ptr(), tuple(keys.shape), self.mask.data_ptr()))
+        return keys, values
+
+    monkeypatch.setattr(rollout.StaticKVCache, "update", update)
+    r = sample(model, batch, n=3, max_new_tokens=7, temperature=1.0, generator=torch.Generator().manual_seed(0),
+               eos_ids=[-1])
+    layers = model.config.text_config.num_hidden_layers
+    assert len(seen) == 6 * layers, "one write per layer per decode step (the 7th token is never fed)"
+    per_layer = {layer: {entry[1:] for entry in seen if entry[0] == layer} for layer in range(layers)}
+    heads = model.config.text_config.num_key_value_heads
+    head_dim = model.config.text_config.hidden_size // model.config.text_config.num_attention_heads
+    for layer, entries in per_layer.items():
+        assert len(entries) == 1, f"layer {layer}: buffers moved or changed shape between steps: {entries}"
+        assert next(iter(entries))[2] == (6, heads, batch["input_ids"].shape[1] + 6, head_dim)
+    assert r.response_ids.shape == (6, 7)
+
+
+def test_eager_attention_takes_the_additive_mask_and_equals_generate():
+    # `eager` attention adds its mask to the scores (sdpa takes booleans): the sampler builds the right kind.
+    model, processor = build_tiny(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.mul_(5.0)  # peaked logits, as conftest.sharpen does for the shared fixture
+    model.set_attn_implementation("eager")
+    batch = _prompts(processor, synthetic_examples(3, seed=5))
+    ours = sample(model, batch, n=1, max_new_tokens=12, temperature=0, eos_ids=[-1])
+    assert torch.equal(ours.response_ids, _greedy_generate(model, batch, 12))
+    model.config._attn_implementation = "flex_attention"
+    with pytest.raises(ValueError, match="flex_attention"):
+        sample(model, batch, n=1, max_new_tokens=4)
+
+
+def test_compiled_decode_equals_generate_without_recompiling(tiny):
+    # The one compiled test (compiling takes tens of seconds on a CPU): same tokens as generate, and every
+    # decode step of a rollout reuses one graph (static shapes), so a recompile within the rollout is an error.
+    model, processor = tiny
+    batch = _prompts(processor, synthetic_examples(2, seed=3))
+    torch._dynamo.reset()
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        ours = sample(model, batch, n=1, max_new_tokens=8, temperature=0, eos_ids=[-1], compile=True)
+    torch._dynamo.reset()
+    assert torch.equal(ours.response_ids, _greedy_generate(model, batch, 8))
+
+
+def test_measure_decode_reports_ratio_and_bandwidth_fraction(tiny):
+    # The benchmark core the GPU acceptance script imports runs on a CPU too: same token count on both sides.
+    model, processor = tiny
+    batch = _prompts(processor, synthetic_examples(2, seed=0))
+    r = measure_decode(model, batch, n=2, max_new_tokens=8, peak_gbps=10.0)
+    assert r["rows"] == 4 and r["new_tokens"] == 8
+    assert r["ratio"] == pytest.approx(r["ours_tok_s"] / r["generate_tok_s"])
+    # Only the arithmetic is checked: the step time is (call - separately timed prefill) / 7, noisy on a busy CPU.
+    assert r["hbm_fraction"] == pytest.approx(r["achieved_gbps"] / 10.0)
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.model.language_model.parameters())
+    assert r["weight_gb"] * 1e9 == pytest.approx(weight_bytes)
+
+
+def test_benchmark_builds_the_full_size_3b_architecture():
+    # The GPU benchmark's model, built on the meta device: Qwen2.5-VL-3B-Instruct's published parameter count.
+    model, _ = build_qwen25_vl_3b("meta")
+    assert sum(p.numel() for p in model.parameters()) == 3_754_622_976

@@ -147,3 +147,18 @@ def test_prepare_builds_a_missing_model_folder_once_then_reuses_it(tmp_path):
     assert (folder / "config.json").stat().st_mtime_ns == stamp  # cached: not rebuilt
     with pytest.raises(FileNotFoundError, match="did not create"):
         _run(tmp_path / "c", f"model.path={tmp_path / 'nowhere'}", f"model.prepare={script} {tmp_path / 'elsewhere'}")
+
+
+def test_bf16_export_says_bf16_and_stores_the_tied_embedding_once(tmp_path):
+    """Found by the full-width rehearsal: config.json claimed float32 (the master weights' dtype) and the tied
+    lm_head was written as a second copy of the embedding (622 MB extra at 3B)."""
+    from safetensors import safe_open
+
+    _run(tmp_path, "train.steps=1", "train.export=true", "train.export_dtype=bfloat16")
+    folder = tmp_path / "final"
+    assert json.loads((folder / "config.json").read_text())["dtype"] == "bfloat16"
+    with safe_open(str(folder / "model.safetensors"), "pt") as f:
+        assert "lm_head.weight" not in f.keys() and {f.get_tensor(k).dtype for k in f.keys()} == {torch.bfloat16}
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(folder, dtype="auto")
+    assert next(model.parameters()).dtype == torch.bfloat16
+    assert model.lm_head.weight.data_ptr() == model.model.language_model.embed_tokens.weight.data_ptr()

@@ -429,3 +429,11 @@ def test_verify_batch_accepts_pairs_and_empty():
 def test_module_imports_no_torch():
     code = "import sys, harmo_min.verifier; sys.exit('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], timeout=60).returncode == 0
+
+
+def test_factorial_chains_of_a_constant_are_refused_not_an_error():
+    """Found by the fuzz generator at another seed: "the!!!…!2" parses as t·h·e!!!…, and sympy evaluated the
+    factorial chain of the constant e until mpmath overflowed (reason "error", confidence 0)."""
+    v = verify("<answer>the" + "!" * 100 + "2</answer>", "15%")
+    assert (v.correct, v.reason) == (False, "too_large")
+    assert verify("<answer>n!</answer>", "n!").correct and verify("<answer>120</answer>", "5!").correct
