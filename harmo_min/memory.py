@@ -112,6 +112,17 @@ class Arch:
                    backbone, config)
 
 
+def _arch(cfg: dict, key: str) -> Arch:
+    """The architecture at `key`.path; a folder that a `key`.prepare stage has not built yet says so."""
+    try:
+        return Arch.of(cfg[key]["path"], f"{key}.path")
+    except FileNotFoundError as e:
+        if not cfg[key].get("prepare"):
+            raise
+        raise FileNotFoundError(f"{key}.path={cfg[key]['path']} does not exist yet: {key}.prepare builds it "
+                                f"(`python {cfg[key]['prepare']}`); run that, or train.py once, then plan") from e
+
+
 def saved_bytes(arch: Arch, c: int, seq: int) -> dict[str, int]:
     """Bytes autograd saves per token of one decoder layer (a), per patch of one vision block (a_v), and outside the
     blocks (e per token, e_resp per response token, e_v per patch), for sequences of `seq` positions."""
@@ -185,7 +196,7 @@ def plan(cfg: dict, *, world_size: int, gpu_gb: float = 80.0, prompt_tokens: int
     name = cfg["model"]["compute_dtype"]
     dtype = torch.bfloat16 if name == "auto" else DTYPES[name]  # auto: bf16 on the GPU this plans for
     c, W, n, b = dtype.itemsize, world_size, r["n"], g["micro_batch_size"]
-    arch = Arch.of(cfg["model"]["path"], "model.path")
+    arch = _arch(cfg, "model")
     prompts, seq, resp = g["prompts_per_step"] // W, prompt_tokens + r["max_new_tokens"], r["max_new_tokens"]
     images = min(prompts, math.ceil(b / n) + (0 if b % n == 0 or n % b == 0 else 1)) if image_tokens else 0
     patches = images * image_tokens * arch.cfg.vision_config.spatial_merge_size ** 2
@@ -203,7 +214,7 @@ def plan(cfg: dict, *, world_size: int, gpu_gb: float = 80.0, prompt_tokens: int
     if g["kl_coef"] > 0:
         p.rows.append((f"reference (kl_coef {g['kl_coef']:g}, 1/{W})", c * arch.params // W, "always"))
     if cfg["reward_model"]["path"]:
-        rm = Arch.of(cfg["reward_model"]["path"], "reward_model.path")
+        rm = _arch(cfg, "reward_model")
         p.title[3:3] = [f"reward model: {rm.name}", f"        {_count(rm.backbone)} parameters, one copy per GPU"]
         p.rows.append(("reward model (full copy)", c * rm.backbone, "always"))
     kv = kv_cache_bytes(arch, c, rows=prompts * n, positions=seq)

@@ -21,7 +21,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _cfg(path="configs/tiny.yaml", *overrides):
-    return load_config(ROOT / path, list(overrides), defaults=train.GRPO_DEFAULTS, open_keys=train.OPEN_KEYS,
+    # configs/tiny.yaml trains a prepared warm-up policy with the tiny architecture; plan the architecture itself
+    tiny = ["model.path=tiny", "reward_model.path=null"] if path == "configs/tiny.yaml" else []
+    return load_config(ROOT / path, tiny + list(overrides), defaults=train.GRPO_DEFAULTS, open_keys=train.OPEN_KEYS,
                        rules=train.RULES)
 
 
@@ -181,6 +183,14 @@ def test_plan_reads_config_json_alone_and_names_a_missing_path(tmp_path, arch):
     model.config.save_pretrained(tmp_path)  # config.json only: no weights, no tokenizer
     assert memory.Arch.of(str(tmp_path), "model.path").params == arch.params
     with pytest.raises(FileNotFoundError, match=r"model.path=/nowhere/policy: no config.json"):
-        memory.plan(_cfg("configs/tiny.yaml", "model.path=/nowhere/policy"), world_size=1)
+        memory.plan(_cfg("configs/tiny.yaml", "model.path=/nowhere/policy", "model.prepare=null"), world_size=1)
     with pytest.raises(ValueError, match=r"grpo.prompts_per_step=8 is not divisible by 3 rank"):
         memory.plan(_cfg(), world_size=3)
+
+
+def test_plan_of_a_config_whose_stage_is_not_built_yet_names_the_prepare_command(tmp_path):
+    missing = tmp_path / "warmup" / "final"
+    with pytest.raises(FileNotFoundError, match=r"model.path=.*final does not exist yet: model.prepare builds it "
+                                                r"\(`python warmup.py --config configs/tiny_warmup.yaml"):
+        memory.plan(load_config(ROOT / "configs/tiny.yaml", [f"model.path={missing}"], defaults=train.GRPO_DEFAULTS,
+                                open_keys=train.OPEN_KEYS, rules=train.RULES), world_size=1)
