@@ -85,7 +85,7 @@ GRPO_DEFAULTS = {
         "clip_low": 0.2, "clip_high": 0.28,
         "kl_coef": 0.0,               # β; a frozen reference is loaded only when > 0
         "kl_estimator": "k2",         # k1 | k2 | k3 in the loss: see grpo.py for the gradient each gives
-        "kl_in_reward": False,        # instead: R -= β Σ_t k1 before the advantage
+        "kl_in_reward": False,        # instead: R -= β Σ_t k1 before the advantage, no KL term in the loss
         "aggregation": "token_mean",  # token_mean | seq_mean | constant (Dr. GRPO)
         "constant_divisor": None,     # C for `constant`; null = rollout.max_new_tokens
         "scale_std": False,           # divide advantages by the group std (original GRPO); HARMO does not
@@ -248,6 +248,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                                      constant_divisor=g["constant_divisor"] or r["max_new_tokens"])
 
         # 6. update: every micro-batch's loss is its share of the global loss; nothing to learn, no step
+        loss_kl_coef = 0.0 if g["kl_in_reward"] else g["kl_coef"]  # the KL is paid in the reward or in the loss
         sums = dict.fromkeys(("loss", "clip_frac", "kl", "ratio_mean", "entropy", "tokens"), 0.0)
         grad_norm, stepped = 0.0, False
         for _ in range(g["epochs"] if normalizer > 0 else 0):
@@ -257,7 +258,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                     mask = loss_mask[idx, :logp.shape[1]]
                     loss, stats = grpo_loss(logp, logp.detach() if old_logp is None else old_logp, advantages[idx],
                                             mask, normalizer=normalizer, ref_logp=ref_logp,
-                                            clip_low=g["clip_low"], clip_high=g["clip_high"], kl_coef=g["kl_coef"],
+                                            clip_low=g["clip_low"], clip_high=g["clip_high"], kl_coef=loss_kl_coef,
                                             kl_estimator=g["kl_estimator"], aggregation=g["aggregation"])
                     loss.backward()
                     sums["loss"] += loss.item() / g["epochs"]

@@ -73,9 +73,7 @@ STUDIES = {
         "k1 in loss": ["grpo.kl_estimator=k1"],
         "k2 in loss": ["grpo.kl_estimator=k2"],
         "k3 in loss": ["grpo.kl_estimator=k3"],
-        # train.py also keeps β·k(estimator) in the loss when kl_in_reward is on; k1's loss gradient is zero in
-        # expectation (E_π ∇log π = 0), so this arm is the KL-in-reward one up to that noise.
-        "k1 in reward": ["grpo.kl_in_reward=true", "grpo.kl_estimator=k1"],
+        "k1 in reward": ["grpo.kl_in_reward=true"],  # R -= β Σ_t k1; no KL term in the loss
     },
 }
 KINDS = ("count", "arithmetic", "choice")  # verifiable: their accuracy is what evaluate.py scores

@@ -162,3 +162,23 @@ def test_bf16_export_says_bf16_and_stores_the_tied_embedding_once(tmp_path):
     model = Qwen2_5_VLForConditionalGeneration.from_pretrained(folder, dtype="auto")
     assert next(model.parameters()).dtype == torch.bfloat16
     assert model.lm_head.weight.data_ptr() == model.model.language_model.embed_tokens.weight.data_ptr()
+
+
+def test_kl_in_reward_moves_the_penalty_out_of_the_loss(tmp_path, monkeypatch):
+    """`grpo.kl_in_reward` (grpo.py: "the penalty moves out of the loss into the reward instead") must not also
+    leave β·k(estimator) in the loss: the update would then pay the KL twice. The reward side is checked too: the
+    advantages see R − β Σ_t k1, so the total reward the step logs is lower than without a reference."""
+    seen = []
+    real_loss = train.grpo_loss
+    monkeypatch.setattr(train, "grpo_loss", lambda *a, **kw: seen.append(kw["kl_coef"]) or real_loss(*a, **kw))
+    real_advantages = train.group_advantages
+    totals = []
+    monkeypatch.setattr(train, "group_advantages",
+                        lambda total, n, scale_std=False: totals.append(total.clone()) or real_advantages(total, n))
+    _run(tmp_path, "grpo.kl_in_reward=true", "grpo.kl_coef=0.5", "train.steps=2")
+    assert seen and set(seen) == {0.0}
+    logged = [m["reward/total"] for m in _metrics(tmp_path)]
+    # step 1: policy == reference, k1 = 0 exactly; step 2: the policy moved (lr 1e-2), the sampled k1 sums are
+    # not all zero, so some reward handed to the advantage differs from the logged (unpenalised) total.
+    assert totals[0].mean().item() == pytest.approx(logged[0], abs=1e-4)
+    assert not torch.allclose(totals[1].mean(), torch.tensor(logged[1]))
