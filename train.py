@@ -26,7 +26,6 @@ The reward-model stage is train_reward_model.py, the supervised warm-up warmup.p
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import time
@@ -44,10 +43,10 @@ from harmo_min.grpo import (AGGREGATIONS, KL_ESTIMATORS, group_advantages, grpo_
                             micro_batches, token_logprobs, training_inputs, zero_variance_groups)
 from harmo_min.model import DTYPES, resolve_dtype
 from harmo_min.reward_model import load_scorer
-from harmo_min.rewards import RewardConfig, aspect_means, route_counts, score_batch
+from harmo_min.rewards import RewardConfig, aspect_means, groups_of, route_counts, score_batch
 from harmo_min.rollout import sample
 from harmo_min.synthetic import synthetic_examples
-from harmo_min.tracking import RunLog, check_run_dir, peak_memory_gb, prepare_paths, timed
+from harmo_min.tracking import RunLog, check_run_dir, peak_memory_gb, prepare_paths, timed, write_samples
 
 GRPO_DEFAULTS = {
     "run_dir": "runs/tiny",           # checkpoints, metrics.jsonl, samples/, the exported model
@@ -119,8 +118,8 @@ RULES = {
 
 def check_config(cfg: dict, world_size: int) -> RewardConfig:
     """What RULES cannot see (the world size, the reward section), before any model is loaded."""
-    if cfg["grpo"]["prompts_per_step"] % world_size:
-        raise ValueError(f"grpo.prompts_per_step={cfg['grpo']['prompts_per_step']} is not divisible by {world_size} ranks")
+    if (prompts := cfg["grpo"]["prompts_per_step"]) % world_size:
+        raise ValueError(f"grpo.prompts_per_step={prompts} is not divisible by {world_size} ranks")
     reward = RewardConfig.from_dict(cfg["reward"], answer_format=cfg["data"]["answer_format"])
     if reward.accuracy_source == "model" and not cfg["reward_model"]["path"]:
         raise ValueError("reward.accuracy_source: model scores every item with the reward model; set reward_model.path")
@@ -134,11 +133,6 @@ def training_examples(cfg: dict, rank: int, world_size: int):
         return synthetic_examples(d["n_train"], seed=cfg["seed"], kinds=tuple(d["kinds"]), size=d["image_size"])
     return load_examples(d["train"], fields=d["fields"], image_root=d["image_root"],
                          max_image_pixels=d["max_image_pixels"], rank=rank, world_size=world_size)
-
-
-def groups_of(values: list, n: int) -> list[list]:
-    """[a, b, c, d] -> [[a, b], [c, d]] for n = 2: one list per prompt, its n responses adjacent."""
-    return [list(values[i:i + n]) for i in range(0, len(values), n)]
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -157,12 +151,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
     earlier = check_run_dir(run_dir, resume=args.resume, overwrite=args.overwrite)
     prepare_paths(cfg, ("model", "reward_model"), world_size)
     examples = training_examples(cfg, int(os.environ.get("RANK", 0)), world_size)
-    g, r, n, o = cfg["grpo"], cfg["rollout"], cfg["rollout"]["n"], cfg["optim"]
+    g, r, n, o, m = cfg["grpo"], cfg["rollout"], cfg["rollout"]["n"], cfg["optim"], cfg["model"]
 
     world = init_distributed()
     torch.manual_seed(cfg["seed"])
-    compute_dtype = resolve_dtype(cfg["model"]["compute_dtype"], world.device)
-    m = cfg["model"]
+    compute_dtype = resolve_dtype(m["compute_dtype"], world.device)
     policy, processor = load_model_sharded(m["path"], world, seed=cfg["seed"], dtype=torch.float32,
                                            compute_dtype=compute_dtype, attn_implementation=m["attn_implementation"])
     if m["activation_checkpointing"]:
@@ -193,7 +186,6 @@ def main(argv: list[str] | None = None) -> list[dict]:
     per_rank = g["prompts_per_step"] // world.size
     temperature = r["temperature"] or 1.0  # greedy rollouts are scored at T = 1, as the sampler does
     batches = iterate_batches(examples, g["prompts_per_step"], seed=cfg["seed"], start=start)
-    history = []
     for step in range(start, cfg["train"]["steps"]):
         t0, times = time.perf_counter(), {}
         # 1. prompts: this rank's slice of the global batch, encoded once for rollout and training
@@ -210,14 +202,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
             policy.train()
 
         # 3. rewards: reward-model scores for open / low-confidence items, then every aspect of every response
-        lengths = rollout.lengths.tolist()
         model_scores = None
         if scorer is not None:
             with timed(times, "reward_model", world.device):
                 scores = scorer.score([ex for ex in batch for _ in range(n)], rollout.texts)[1].tolist()
             model_scores = groups_of(scores, n)
         with timed(times, "rewards", world.device):
-            groups = score_batch(batch, groups_of(rollout.texts, n), lengths=groups_of(lengths, n),
+            groups = score_batch(batch, groups_of(rollout.texts, n), lengths=groups_of(rollout.lengths.tolist(), n),
                                  finish_reasons=groups_of(rollout.finish_reason, n), model_scores=model_scores,
                                  cfg=reward_cfg)
 
@@ -283,12 +274,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
                    **{f"time/{k}": v for k, v in times.items()}, "step_time_s": time.perf_counter() - t0,
                    "memory/peak_gb": world.max(int(peak_memory_gb(world.device) * 1000)) / 1000}
         metrics["tokens_per_s"] = metrics.pop("tokens") / metrics["step_time_s"]
-        history.append(metrics)
         log.write(metrics)
         if world.is_main and (step + 1) % cfg["train"]["log_every"] == 0:
             print(console_line(metrics), flush=True)
         if cfg["train"]["sample_every"] and (step + 1) % cfg["train"]["sample_every"] == 0:
-            write_samples(run_dir / "samples" / f"step_{step + 1:06d}_rank{world.rank}.jsonl", batch, rollout, groups, n)
+            write_samples(run_dir / "samples" / f"step_{step + 1:06d}_rank{world.rank}.jsonl", batch, rollout.texts,
+                          groups)
         if cfg["train"]["save_every"] and (step + 1) % cfg["train"]["save_every"] == 0:
             save_checkpoint(run_dir, step + 1, model=policy, optimizer=optimizer, scheduler=scheduler,
                             state={"generator": generator.get_state()})
@@ -298,7 +289,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         if out is not None:
             print(f"exported {out} (load it with harmo_min.model.load_policy or from_pretrained)", flush=True)
     cleanup()
-    return history
+    return log.history
 
 
 def step_metrics(world, groups, rollout, prompts, reward_cfg: RewardConfig, n: int, update: dict) -> dict:
@@ -331,16 +322,6 @@ def console_line(m: dict) -> str:
     return (f"step {m['step']:4d} | acc {m['accuracy']:.3f} | R {m['reward/total']:+.3f} [{aspects}] | "
             f"len {m['response_length']:.1f} | kl {m['kl']:.4f} | clip {m['clip_frac']:.3f} | "
             f"{m['step_time_s']:.2f}s ({phases})")
-
-
-def write_samples(path: Path, examples, rollout, groups, n: int) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("a", encoding="utf-8") as f:
-        for p, (ex, grp) in enumerate(zip(examples, groups)):
-            for j in range(n):
-                f.write(json.dumps({"id": ex.id, "prompt": ex.problem or ex.messages, "gold": ex.answer,
-                                    "response": rollout.texts[p * n + j], "total": grp.total[j], "route": grp.route[j],
-                                    **{k: v[j] for k, v in grp.breakdown.items()}}) + "\n")
 
 
 if __name__ == "__main__":

@@ -144,7 +144,6 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
     per_rank = t["batch_size"] // world.size
     batches = iterate_batches(demos, t["batch_size"], seed=cfg["seed"])
-    history = []
     for step in range(t["steps"]):
         t0 = time.perf_counter()
         batch = next(batches)[world.rank * per_rank:(world.rank + 1) * per_rank]
@@ -170,7 +169,6 @@ def main(argv: list[str] | None = None) -> list[dict]:
         total_loss, prob = world.sum([loss.item(), float((logp.detach().exp() * inputs["response_mask"]).sum())])
         metrics = {"step": step + 1, "loss": total_loss, "token_prob": prob / tokens, "grad_norm": grad_norm,
                    "lr": lr, "step_time_s": time.perf_counter() - t0}
-        history.append(metrics)
         log.write(metrics)
         if world.is_main and ((step + 1) % t["log_every"] == 0 or step + 1 == t["steps"]):
             print(f"warmup step {step + 1:4d} | loss {total_loss:.4f} | token prob {metrics['token_prob']:.3f} | "
@@ -181,7 +179,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         if out is not None:
             print(f"exported {out} (the warm-start policy: model.path of a GRPO config)", flush=True)
     cleanup()
-    return history
+    return log.history
 
 
 if __name__ == "__main__":

@@ -6,7 +6,8 @@ Keys are `reward.<key>` [default]; the README's "Rewards" section is the user's 
 
     cfg = RewardConfig.from_dict(config["reward"], answer_format=config["data"]["answer_format"])
     cfg = cfg.resolve(max_new_tokens)
-    out = score_batch(examples, texts, lengths=lengths, finish_reasons=finish_reasons, model_scores=None, cfg=cfg)
+    out = score_batch(examples, groups_of(texts, G), lengths=groups_of(lengths, G),
+                      finish_reasons=groups_of(finish_reasons, G), model_scores=None, cfg=cfg)
     out[k].total (G,), out[k].breakdown["length"] (G,), out[k].route (G,); route_counts(out) for the step log
 
 Aspects (unweighted values, all in `GroupRewards.breakdown`)
@@ -510,6 +511,11 @@ def score_group(example: Any, responses: Sequence[str], *, lengths: Sequence[int
                 raise ValueError(f"aspect {name}[{i}]: must be a finite number, got {v!r:.80}")
         breakdown[name] = [float(v) for v in values]
     return GroupRewards(combine(breakdown, cfg), breakdown, route)
+
+
+def groups_of(values: Sequence, n: int) -> list[list]:
+    """[a, b, c, d] -> [[a, b], [c, d]] for n = 2: score_batch's input, one list per prompt of its n responses."""
+    return [list(values[i:i + n]) for i in range(0, len(values), n)]
 
 
 def score_batch(examples: Sequence[Any], groups: Sequence[Sequence[str]], *, lengths: Sequence[Sequence[int]],

@@ -14,6 +14,7 @@
 * `prepare_paths`: runs a section's `prepare` command when its `path` does not exist yet (a cached warm-up policy
   or reward model that `python train.py` builds itself on its first run).
 * `timed`, `peak_memory_gb`: per-phase wall time (waiting for the GPU at both ends) and the peak memory.
+* `write_samples`: a step's prompts, responses and every reward aspect, one JSON line per response.
 """
 
 from __future__ import annotations
@@ -63,6 +64,7 @@ class RunLog:
     def __init__(self, run_dir: str | Path, world, cfg: dict, *, resume_step: int | None = None,
                  overwrite: list[str] = ()):
         self.run_dir, self.active = Path(run_dir), world.is_main
+        self.history: list[dict] = []  # this run's metrics, on every rank
         self.metrics, self.writers = self.run_dir / "metrics.jsonl", []
         if not self.active:
             return
@@ -93,6 +95,7 @@ class RunLog:
             self.writers.append(lambda m: run.log(m, step=m["step"]))
 
     def write(self, metrics: dict) -> None:
+        self.history.append(metrics)
         if not self.active:
             return
         with self.metrics.open("a") as f:
@@ -118,3 +121,15 @@ def peak_memory_gb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+def write_samples(path: Path, examples: list, texts: list[str], groups: list) -> None:
+    """Append one JSON line per response: the example, the response, its total reward, route and every aspect.
+    `groups[p]` (a rewards.GroupRewards) holds prompt p's responses, `texts[p * G : (p + 1) * G]`."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a", encoding="utf-8") as f:
+        for p, (ex, grp) in enumerate(zip(examples, groups)):
+            for j, total in enumerate(grp.total):
+                f.write(json.dumps({"id": ex.id, "prompt": ex.problem or ex.messages, "gold": ex.answer,
+                                    "response": texts[p * len(grp.total) + j], "total": total, "route": grp.route[j],
+                                    **{k: v[j] for k, v in grp.breakdown.items()}}) + "\n")
