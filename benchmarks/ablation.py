@@ -1,6 +1,6 @@
 """HARMO's ablations on a laptop: the main job (configs/tiny.yaml) with one thing changed per arm, 3 seeds each.
 
-    python benchmarks/ablation.py                              # 6 arms x 3 seeds, ~30 min on 2 idle cores
+    python benchmarks/ablation.py                              # 6 arms x 3 seeds, ~16 min on 2 cores
     python benchmarks/ablation.py --study kl --reuse           # KL: none, k1 / k2 / k3 in the loss, k1 in the reward
     python benchmarks/ablation.py --seeds 0 --steps 10 --items 20 --out runs/ablation_smoke   # a quick look
 
