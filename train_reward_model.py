@@ -204,7 +204,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         # Means over ranks (every rank has the same number of pairs); per-aspect accuracy from summed counts.
         keys = ("loss", "bt", "bt_aspect", "rating_mse", "accuracy", "margin")
         k = len(head_cfg.aspects)
-        sums = world.sum([float(stats[key]) for key in keys] + stats["aspect_correct"].tolist() + stats["aspect_count"].tolist())
+        sums = world.sum([float(stats[key].detach()) for key in keys] + stats["aspect_correct"].tolist()
+                         + stats["aspect_count"].tolist())
         metrics = {"step": step + 1, **{key: sums[i] / world.size for i, key in enumerate(keys)}}
         for j, name in enumerate(head_cfg.aspects):
             if sums[len(keys) + k + j] > 0:

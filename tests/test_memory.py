@@ -125,7 +125,7 @@ def _saved(model, x, checkpointing: bool):
         hooks.append(layer.register_forward_pre_hook(lambda m, a, i=i: region.__setitem__(0, f"layer{i}")))
         hooks.append(layer.register_forward_hook(lambda m, a, o: region.__setitem__(0, "outside")))
     if checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         for block in list(model.model.language_model.layers) + list(model.model.visual.blocks):
             hooks.append(block.register_forward_pre_hook(block_inputs, with_kwargs=True))
     model.train()
@@ -135,7 +135,7 @@ def _saved(model, x, checkpointing: bool):
     finally:
         for h in hooks:
             h.remove()
-        model.gradient_checkpointing_disable()
+        model.activation_checkpointing_disable()
     return sum(seen.values()), per_layer, sum(logits)
 
 
