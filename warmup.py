@@ -83,7 +83,7 @@ RULES = {
 }
 
 
-def check_config(cfg: dict, world_size: int) -> None:
+def check_warmup_config(cfg: dict, world_size: int) -> None:
     """What RULES cannot see, before any model is built."""
     d, t = cfg["data"], cfg["train"]
     unknown = [k for k in d["kinds"] if k not in TASK_KINDS]
@@ -119,7 +119,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         raise ValueError("--resume: the warm-up has no checkpoints (it takes seconds); rerun it with --overwrite")
     cfg = load_config(args.config, args.overrides, defaults=WARMUP_DEFAULTS, open_keys=OPEN_KEYS, rules=RULES)
     world = init_distributed()
-    check_config(cfg, world.size)
+    check_warmup_config(cfg, world.size)
     run_dir = Path(cfg["run_dir"])
     earlier = check_run_dir(run_dir, resume=False, overwrite=args.overwrite)
     d, o, t = cfg["data"], cfg["optim"], cfg["train"]
