@@ -37,8 +37,8 @@ from harmo_min import memory
 from harmo_min.config import (NOT_EMPTY, above, above_or_null, at_least, in_range, load_config, lr_schedule, one_of,
                               parse_run_args)
 from harmo_min.data import FORMAT_INSTRUCTIONS, MAX_IMAGE_PIXELS, encode_prompts, iterate_batches, load_examples
-from harmo_min.distributed import (cleanup, export_hf, forward_only, gathered_params, init_distributed,
-                                   load_latest_checkpoint, load_model_sharded, save_checkpoint)
+from harmo_min.distributed import (cleanup, clip_grad_norm, export_hf, forward_only, gathered_params,
+                                   init_distributed, load_latest_checkpoint, load_model_sharded, save_checkpoint)
 from harmo_min.grpo import (AGGREGATIONS, KL_ESTIMATORS, group_advantages, grpo_loss, kl_estimate, loss_normalizer,
                             micro_batches, token_logprobs, training_inputs, zero_variance_groups)
 from harmo_min.model import DTYPES, resolve_dtype
@@ -177,8 +177,6 @@ def main(argv: list[str] | None = None) -> list[dict]:
     start = 0
     if args.resume:
         state = load_latest_checkpoint(run_dir, model=policy, optimizer=optimizer, scheduler=scheduler)
-        if state is None:
-            raise FileNotFoundError(f"--resume: no checkpoint under {run_dir}/checkpoints")
         start = state["step"]
         generator.set_state(state["generator"])
     log = RunLog(run_dir, world, cfg, resume_step=start if args.resume else None, overwrite=earlier)
@@ -257,8 +255,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                     for key, value in stats.items():
                         sums[key] += float(value)
             with timed(times, "optimizer", world.device):
-                grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), o["grad_clip"] or math.inf)
-                grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
+                grad_norm = clip_grad_norm(policy.parameters(), o["grad_clip"])
                 # A NaN on one rank reaches every rank through the gradient reduction, but decide collectively
                 # anyway: no rank may step (or skip) alone.
                 stepped = world.all_true(math.isfinite(grad_norm) and math.isfinite(sums["loss"]))

@@ -30,7 +30,8 @@ import torch
 from harmo_min.config import (NOT_EMPTY, above, above_or_null, at_least, in_range, load_config, lr_schedule, one_of,
                               parse_run_args)
 from harmo_min.data import FORMAT_INSTRUCTIONS, PreferencePair, iterate_batches, load_preference_jsonl
-from harmo_min.distributed import apply_fsdp, cleanup, init_distributed, load_latest_checkpoint, save_checkpoint
+from harmo_min.distributed import (apply_fsdp, cleanup, clip_grad_norm, init_distributed, load_latest_checkpoint,
+                                   save_checkpoint)
 from harmo_min.model import DTYPES, load_model, resolve_dtype
 from harmo_min.reward_model import HeadConfig, RewardModel, encode_pairs, pair_wins, preference_loss, split_pairs
 from harmo_min.synthetic import synthetic_pairs
@@ -156,10 +157,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_schedule(cfg))
     start = 0
     if args.resume:
-        state = load_latest_checkpoint(run_dir, model=rm, optimizer=optimizer, scheduler=scheduler)
-        if state is None:
-            raise FileNotFoundError(f"--resume: no checkpoint under {run_dir}/checkpoints")
-        start = state["step"]
+        start = load_latest_checkpoint(run_dir, model=rm, optimizer=optimizer, scheduler=scheduler)["step"]
     log = RunLog(run_dir, world, cfg, resume_step=start if args.resume else None, overwrite=earlier)
 
     def run_eval(step: int) -> dict[str, float]:
@@ -191,8 +189,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         # Each rank's loss is the mean over its equal share of the pairs and FSDP sums gradients over ranks
         # (distributed.apply_fsdp): dividing by the world size makes the summed gradient that of the global mean.
         (stats["loss"] / world.size).backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, o["grad_clip"] or math.inf)
-        grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
+        grad_norm = clip_grad_norm(params, o["grad_clip"])
         # The norm is global under FSDP, but decide collectively anyway: no rank may step (or skip) alone.
         stepped = world.all_true(math.isfinite(grad_norm) and bool(torch.isfinite(stats["loss"])))
         if stepped:

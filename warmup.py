@@ -36,7 +36,7 @@ import torch
 
 from harmo_min.config import NOT_EMPTY, above, at_least, in_range, load_config, lr_schedule, one_of, parse_run_args
 from harmo_min.data import encode_prompts, iterate_batches
-from harmo_min.distributed import apply_fsdp, cleanup, export_hf, init_distributed
+from harmo_min.distributed import apply_fsdp, cleanup, clip_grad_norm, export_hf, init_distributed
 from harmo_min.grpo import token_logprobs, training_inputs
 from harmo_min.model import DTYPES, build_tiny, eos_token_ids, load_policy, resolve_dtype
 from harmo_min.rollout import Rollout
@@ -158,8 +158,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         logp, _ = token_logprobs(model, inputs)                                    # (b, T), 0 where masked
         loss = -logp.sum() / tokens  # FSDP sums gradients over ranks (distributed.apply_fsdp): the global mean
         loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), o["grad_clip"])
-        grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
+        grad_norm = clip_grad_norm(model.parameters(), o["grad_clip"])
         if world.all_true(math.isfinite(grad_norm)):  # no rank may step (or skip) alone
             optimizer.step()
         optimizer.zero_grad(set_to_none=True)

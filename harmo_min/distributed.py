@@ -24,6 +24,7 @@
   steps. Memory cost: one full compute-dtype copy of the parameters per rank for the phase.
 * `load_model_sharded(path, world, ...)`: rank 0 alone reads (or builds) the weights; the other ranks build the
   model on the meta device and receive their shards from rank 0. 8 ranks never hold 8 host copies of a 7B model.
+* `clip_grad_norm(params, max_norm)`: clip by the global norm (over shards and ranks under FSDP2), returned as a float.
 * Checkpoints (`save_checkpoint` / `load_latest_checkpoint`): model and optimizer through torch.distributed.checkpoint
   (each rank writes its shards), plus each rank's scheduler, step, RNG and data position. Written to `step_N.tmp/`,
   renamed to `step_N/` when every rank has finished, then `latest` is replaced atomically: a kill mid-save leaves
@@ -38,6 +39,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import random
 import shutil
@@ -175,6 +177,13 @@ def forward_only(model):
             model.reset_iter_state()
 
 
+def clip_grad_norm(params, max_norm: float | None) -> float:
+    """Clip gradients to the global norm `max_norm` (None: measure only) and return the norm before clipping. Under
+    FSDP2 the gradients are DTensor shards and torch returns the norm as a DTensor; `full_tensor` reduces it."""
+    norm = torch.nn.utils.clip_grad_norm_(params, max_norm or math.inf)
+    return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+
+
 def full_state_dict(model) -> dict[str, torch.Tensor]:
     """Full CPU tensors on rank 0 (an empty dict elsewhere): a collective, every rank must call it."""
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
@@ -270,11 +279,12 @@ def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
     return pointer.parent / json.loads(pointer.read_text())["path"]
 
 
-def load_latest_checkpoint(run_dir: str | os.PathLike, *, model, optimizer, scheduler=None) -> dict | None:
-    """Restore model, optimizer, scheduler and RNG from the latest checkpoint; return this rank's saved state."""
+def load_latest_checkpoint(run_dir: str | os.PathLike, *, model, optimizer, scheduler=None) -> dict:
+    """Restore model, optimizer, scheduler and RNG from the latest checkpoint (`--resume`); return this rank's saved
+    state. No checkpoint under `run_dir` is an error: resuming nothing would silently start over."""
     folder = latest_checkpoint(run_dir)
     if folder is None:
-        return None
+        raise FileNotFoundError(f"--resume: no checkpoint under {Path(run_dir)}/checkpoints")
     rank_file = folder / f"rank{dist.get_rank():05d}.pt"
     if not rank_file.is_file():
         raise FileNotFoundError(f"{rank_file} missing: was {folder} written with a different number of ranks?")
