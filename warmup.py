@@ -148,7 +148,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         t0 = time.perf_counter()
         batch = next(batches)[world.rank * per_rank:(world.rank + 1) * per_rank]
         examples = [ex for ex, _ in batch]
-        prompts = encode_prompts(processor, examples, d["answer_format"]).to(world.device)
+        # Prompts and demonstrations are joined on the CPU, where both are built; then the joint inputs move.
+        prompts = encode_prompts(processor, examples, d["answer_format"])
         demo = demonstration_rollout(tokenizer, [r for _, r in batch], eos_id, tokenizer.pad_token_id)
         inputs = training_inputs(prompts, [len(ex.images) for ex in examples], demo, torch.arange(len(examples)))
         inputs = {k: v.to(world.device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}

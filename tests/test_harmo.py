@@ -10,6 +10,7 @@ import torch
 import train
 import train_reward_model
 import warmup
+from harmo_min.distributed import World
 
 STEPS = 30
 
@@ -62,3 +63,24 @@ def test_open_items_go_to_the_reward_model_and_verifiable_ones_to_the_rule(main_
     for key in ("reward/accuracy", "reward/format", "reward/instruction", "reward/length", "length/correct",
                 "length/wrong"):
         assert key in history[-1], key
+
+
+def test_warmup_joins_prompts_and_demonstrations_on_one_device(monkeypatch, tmp_path):
+    """On a GPU the warm-up moved the prompts to the device and then joined the demonstrations, built on the CPU, to
+    them (`torch.cat` of CUDA and CPU tensors in grpo.training_inputs). The meta device stands in for the GPU: a
+    prompt tensor moved there cannot take part in the join (on meta it fails at the join's first read of the
+    attention mask), and the step must get past that join."""
+    class Reached(Exception):
+        pass
+
+    real = warmup.training_inputs
+
+    def joined(*args, **kwargs):
+        real(*args, **kwargs)
+        raise Reached
+
+    monkeypatch.setattr(warmup, "init_distributed", lambda: World(rank=0, size=1, local_rank=0,
+                                                                  device=torch.device("meta")))
+    monkeypatch.setattr(warmup, "training_inputs", joined)
+    with pytest.raises(Reached):
+        warmup.main(["--config", "configs/tiny_warmup.yaml", f"run_dir={tmp_path}", "train.steps=1"])
