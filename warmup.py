@@ -40,7 +40,7 @@ from harmo_min.distributed import apply_fsdp, cleanup, clip_grad_norm, export_hf
 from harmo_min.grpo import token_logprobs, training_inputs
 from harmo_min.model import DTYPES, build_tiny, eos_token_ids, load_policy, resolve_dtype
 from harmo_min.rollout import Rollout
-from harmo_min.synthetic import STYLES, TASK_KINDS, synthetic_demonstrations
+from harmo_min.synthetic import synthetic_demonstrations
 from harmo_min.tracking import RunLog, check_run_dir
 
 WARMUP_DEFAULTS = {
@@ -85,12 +85,8 @@ RULES = {
 
 def check_warmup_config(cfg: dict, world_size: int) -> None:
     """What RULES cannot see, before any model is built."""
+    # data.kinds and data.styles are checked by synthetic_demonstrations, which also runs before any model loads.
     d, t = cfg["data"], cfg["train"]
-    unknown = [k for k in d["kinds"] if k not in TASK_KINDS]
-    if not d["kinds"] or unknown:
-        raise ValueError(f"data.kinds: unknown synthetic task kind(s) {unknown}; expected some of {list(TASK_KINDS)}")
-    if sum(d["styles"].values()) <= 0:
-        raise ValueError(f"data.styles: the shares of {list(STYLES)} sum to 0: there is nothing to demonstrate")
     if t["batch_size"] % world_size:
         raise ValueError(f"train.batch_size={t['batch_size']} is not divisible by {world_size} ranks")
     if d["n_train"] < t["batch_size"]:

@@ -147,6 +147,8 @@ def make_example(kind: str, rng: random.Random, index: int, *, size: int = 112) 
 def synthetic_examples(n: int, *, seed: int = 0, kinds: tuple[str, ...] = TASK_KINDS, size: int = 112) -> list[Example]:
     """`n` synthetic examples cycling through `kinds`; the same seed gives the same examples and pixels."""
     unknown = [k for k in kinds if k not in TASK_KINDS]
+    if not kinds:
+        raise ValueError(f"data.kinds: no synthetic task kinds; expected some of {list(TASK_KINDS)}")
     if unknown:
         raise ValueError(f"data.kinds: unknown synthetic task kind(s) {unknown}; expected some of {list(TASK_KINDS)}")
     rng = random.Random(seed)

@@ -183,3 +183,9 @@ def test_kl_in_reward_moves_the_penalty_out_of_the_loss(tmp_path, monkeypatch):
     # not all zero, so some reward handed to the advantage differs from the logged (unpenalised) total.
     assert totals[0].mean().item() == pytest.approx(logged[0], abs=1e-4)
     assert not torch.allclose(totals[1].mean(), torch.tensor(logged[1]))
+
+
+def test_an_empty_synthetic_task_list_is_a_config_error_before_any_model_loads(tmp_path, monkeypatch):
+    monkeypatch.setattr(train, "load_model_sharded", lambda *a, **kw: pytest.fail("a model loaded"))
+    with pytest.raises(ValueError, match=r"data.kinds: no synthetic task kinds; expected some of \['count'"):
+        _run(tmp_path, "data.kinds=[]")  # was ZeroDivisionError in synthetic_examples
