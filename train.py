@@ -238,7 +238,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
         # 6. update: every micro-batch's loss is its share of the global loss; nothing to learn, no step
         loss_kl_coef = 0.0 if g["kl_in_reward"] else g["kl_coef"]  # the KL is paid in the reward or in the loss
-        sums = dict.fromkeys(("loss", "clip_frac", "kl", "ratio_mean", "entropy", "tokens"), 0.0)
+        # Summed on the device (float64, as Python floats would be): no host sync per micro-batch
+        sums = {k: torch.zeros((), dtype=torch.float64, device=world.device)
+                for k in ("loss", "clip_frac", "kl", "ratio_mean", "entropy", "tokens")}
         grad_norm, stepped = 0.0, False
         for _ in range(g["epochs"] if normalizer > 0 else 0):
             with timed(times, "update", world.device):
@@ -250,18 +252,19 @@ def main(argv: list[str] | None = None) -> list[dict]:
                                             clip_low=g["clip_low"], clip_high=g["clip_high"], kl_coef=loss_kl_coef,
                                             kl_estimator=g["kl_estimator"], aggregation=g["aggregation"])
                     loss.backward()
-                    sums["loss"] += loss.item() / g["epochs"]
-                    sums["entropy"] += float((entropy * mask).sum())
+                    sums["loss"] += loss.detach().double() / g["epochs"]
+                    sums["entropy"] += (entropy * mask).sum().double()
                     for key, value in stats.items():
-                        sums[key] += float(value)
+                        sums[key] += value.double()
             with timed(times, "optimizer", world.device):
                 grad_norm = clip_grad_norm(policy.parameters(), o["grad_clip"])
                 # A NaN on one rank reaches every rank through the gradient reduction, but decide collectively
                 # anyway: no rank may step (or skip) alone.
-                stepped = world.all_true(math.isfinite(grad_norm) and math.isfinite(sums["loss"]))
+                stepped = world.all_true(math.isfinite(grad_norm) and math.isfinite(float(sums["loss"])))
                 if stepped:
                     optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
+        sums = {k: float(v) for k, v in sums.items()}
         lr = scheduler.get_last_lr()[0]  # the rate this step used
         scheduler.step()
 
