@@ -124,7 +124,7 @@ def above_or_null(low: float) -> Rule:
 NOT_EMPTY: Rule = (lambda v: isinstance(v, str) and v.strip() != ""), "must be a non-empty string"
 
 
-def check_rules(cfg: dict, rules: dict[str, Rule], where: str = "") -> None:
+def check_rules(cfg: dict, rules: dict[str, Rule]) -> None:
     """Raise ValueError naming the first key whose value breaks its rule."""
     flat = _flatten(cfg)
     for key, (ok, requirement) in rules.items():
@@ -134,7 +134,7 @@ def check_rules(cfg: dict, rules: dict[str, Rule], where: str = "") -> None:
         except TypeError:  # None, or a list where a number belongs
             good = False
         if not good:
-            raise ValueError(f"{where}{key}: {requirement}, got {value!r}")
+            raise ValueError(f"{key}: {requirement}, got {value!r}")
 
 
 def load_config(path: str | os.PathLike | None, overrides: list[str], *, defaults: dict,

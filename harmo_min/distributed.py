@@ -109,7 +109,7 @@ def cleanup() -> None:
         dist.destroy_process_group()
 
 
-def apply_fsdp(model, world: World, *, compute_dtype: torch.dtype | None = None, reshard_after_forward: bool = True):
+def apply_fsdp(model, world: World, *, compute_dtype: torch.dtype | None = None):
     """Shard a Qwen2.5-VL model (or a reward model built on one) with FSDP2: vision tower, each decoder layer, root.
 
     `compute_dtype` None or equal to the parameters' dtype: no casting. A world of 1 without casting is returned
@@ -121,7 +121,7 @@ def apply_fsdp(model, world: World, *, compute_dtype: torch.dtype | None = None,
         return model
     mesh = init_device_mesh(world.device.type, (world.size,))
     mp = MixedPrecisionPolicy(param_dtype=compute_dtype if cast else None, reduce_dtype=torch.float32)
-    kw = dict(mesh=mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
+    kw = dict(mesh=mesh, mp_policy=mp, reshard_after_forward=True)  # gathered_params lifts it for a rollout
     fully_shard(model.model.visual, **kw)
     for layer in model.model.language_model.layers:
         fully_shard(layer, **kw)

@@ -87,7 +87,6 @@ def sample(
     eos_ids: list[int] | None = None,
     pad_id: int | None = None,
     tokenizer=None,
-    suppress_ids: list[int] | None = None,
     compile: bool = False,
 ) -> Rollout:
     """Sample `n` responses for each prompt of the left-padded batch `prompts`; see the module docstring.
@@ -110,8 +109,8 @@ def sample(
     boolean_mask = _takes_boolean_mask(model)
     device = prompts["input_ids"].device
     eos = torch.tensor(eos_ids, device=device)
-    suppress = torch.tensor(placeholder_ids(model) if suppress_ids is None else suppress_ids, dtype=torch.long,
-                            device=device)
+    # The vision placeholders are never sampled; the training forward (grpo.token_logprobs) removes the same ids.
+    suppress = torch.tensor(placeholder_ids(model), dtype=torch.long, device=device)
 
     # Inference mode: no autograd bookkeeping on any op (about a tenth of a small model's decode step on a CPU);
     # the results are cloned out of it below, so the training step may save them for backward.
