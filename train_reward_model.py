@@ -33,7 +33,8 @@ from harmo_min.data import FORMAT_INSTRUCTIONS, PreferencePair, iterate_batches,
 from harmo_min.distributed import (apply_fsdp, cleanup, clip_grad_norm, init_distributed, load_latest_checkpoint,
                                    save_checkpoint)
 from harmo_min.model import DTYPES, load_model, resolve_dtype
-from harmo_min.reward_model import HeadConfig, RewardModel, encode_pairs, pair_wins, preference_loss, split_pairs
+from harmo_min.reward_model import (HeadConfig, RewardModel, aspect_wins, encode_pairs, pair_wins, preference_loss,
+                                    split_pairs)
 from harmo_min.synthetic import synthetic_pairs
 from harmo_min.tracking import RunLog, check_run_dir
 
@@ -112,13 +113,11 @@ def evaluate(rm: RewardModel, pairs: list[PreferencePair], cfg: dict, world) -> 
     examples = [p.example for p in mine]
     a_c, s_c = rm.score(examples, [p.chosen for p in mine], **kw)                   # (P, K), (P,)
     a_r, s_r = rm.score(examples, [p.rejected for p in mine], **kw)
-    k, index = len(rm.aspects), {a: i for i, a in enumerate(rm.aspects)}
-    labelled = [(i, index[p.aspect]) for i, p in enumerate(mine) if p.aspect is not None]
-    correct, count = [0.0] * k, [0.0] * k
-    for i, j in labelled:
-        correct[j] += float(pair_wins(a_c[i, j] - a_r[i, j]))
-        count[j] += 1
-    totals = world.sum([float(pair_wins(s_c - s_r).sum()), float((s_c - s_r).sum()), len(mine), *correct, *count])
+    k = len(rm.aspects)
+    index = torch.tensor([-1 if p.aspect is None else rm.aspects.index(p.aspect) for p in mine], dtype=torch.long)
+    correct, count = aspect_wins(a_c, a_r, index)                                    # (K,), (K,)
+    totals = world.sum([float(pair_wins(s_c - s_r).sum()), float((s_c - s_r).sum()), len(mine), *correct.tolist(),
+                        *count.tolist()])
     n = max(totals[2], 1.0)
     out = {"eval/accuracy": totals[0] / n, "eval/margin": totals[1] / n}
     for j, name in enumerate(rm.aspects):

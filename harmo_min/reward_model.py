@@ -68,8 +68,8 @@ from transformers import Qwen2_5_VLModel
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from harmo_min.data import Example, PreferencePair, build_messages, load_images
-from harmo_min.distributed import full_state_dict
-from harmo_min.model import ImageProcessor, encoded_images, mrope_positions
+from harmo_min.distributed import forward_only, full_state_dict
+from harmo_min.model import ImageProcessor, encoded_images, mrope_positions, resolve_dtype
 
 GATES = ("fixed", "prompt")
 CONFIG_FILE, HEAD_FILE = "head_config.json", "reward_head.safetensors"
@@ -191,7 +191,7 @@ class RewardModel(nn.Module):
             self.gate = nn.Sequential(nn.Linear(hidden, config.gate_hidden), nn.GELU(), nn.Linear(config.gate_hidden, k))
         else:
             w = torch.tensor(config.fixed_weights or [1.0] * k, dtype=torch.float32)
-            self.register_buffer("fixed_gate", w / w.sum(), persistent=False)  # in reward_config.json, not weights
+            self.register_buffer("fixed_gate", w / w.sum(), persistent=False)  # in head_config.json, not weights
         self.backbone_trainable = True
 
     @property
@@ -250,20 +250,19 @@ class RewardModel(nn.Module):
         was_training = self.training
         self.eval()
         aspects, scalars = [], []
-        for b in range(n_batches):
-            chunk_ex = list(examples[b * batch_size:(b + 1) * batch_size])
-            chunk_resp = list(responses[b * batch_size:(b + 1) * batch_size])
-            padding = not chunk_ex  # this rank is out of items but must still join the other ranks' forwards
-            if padding:
-                chunk_ex, chunk_resp = [Example(id="fsdp-padding", problem="-")], [""]
-            batch = encode_responses(self.processor, chunk_ex, chunk_resp, answer_format)
-            out = self(**{k: v.to(device) for k, v in batch.items()})
-            if not padding:
-                aspects.append(out.aspects.cpu())
-                scalars.append(out.scalar.cpu())
+        with forward_only(self):
+            for b in range(n_batches):
+                chunk_ex = list(examples[b * batch_size:(b + 1) * batch_size])
+                chunk_resp = list(responses[b * batch_size:(b + 1) * batch_size])
+                padding = not chunk_ex  # this rank is out of items but must still join the other ranks' forwards
+                if padding:
+                    chunk_ex, chunk_resp = [Example(id="fsdp-padding", problem="-")], [""]
+                batch = encode_responses(self.processor, chunk_ex, chunk_resp, answer_format)
+                out = self(**{k: v.to(device) for k, v in batch.items()})
+                if not padding:
+                    aspects.append(out.aspects.cpu())
+                    scalars.append(out.scalar.cpu())
         self.train(was_training)
-        if isinstance(self, FSDPModule):  # see distributed.forward_only
-            self.reset_iter_state()
         if not aspects:
             return torch.zeros(0, len(self.aspects)), torch.zeros(0)
         return torch.cat(aspects), torch.cat(scalars)                                   # (N, K), (N,)
@@ -341,7 +340,7 @@ def load_scorer(path: str | os.PathLike, *, world=None, batch_size: int = 16, an
     bf16 on a GPU (a 7B reward model is ~15 GiB per GPU), float32 on the CPU; the head stays float32.
     """
     device = world.device if world is not None else torch.device("cpu")
-    dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    dtype = dtype or resolve_dtype("auto", device)
     return Scorer(RewardModel.from_pretrained(path, dtype=dtype, device=device), batch_size, answer_format)
 
 
@@ -371,6 +370,17 @@ def pair_wins(margin: torch.Tensor) -> torch.Tensor:
     return (margin > 0).float() + 0.5 * (margin == 0).float()
 
 
+def aspect_wins(chosen: torch.Tensor, rejected: torch.Tensor, aspect_index: torch.Tensor) -> tuple[torch.Tensor,
+                                                                                                    torch.Tensor]:
+    """Per aspect (K,): the `pair_wins` of the pairs labelled with it, and how many are; sums, so ranks can add them
+    before dividing. chosen, rejected (P, K) aspect scores; aspect_index (P,) the labelled aspect, −1 for none."""
+    labelled = aspect_index >= 0                                                     # (P,)
+    k = aspect_index.clamp(min=0)[:, None]                                           # (P, 1)
+    margin = (chosen.gather(1, k) - rejected.gather(1, k)).squeeze(1)                # (P,)
+    onehot = F.one_hot(k.squeeze(1), chosen.shape[1]).float() * labelled[:, None]    # (P, K)
+    return (pair_wins(margin)[:, None] * onehot).sum(0), onehot.sum(0)
+
+
 def preference_loss(chosen: RewardOutput, rejected: RewardOutput, aspect_index: torch.Tensor, *,
                     chosen_ratings: torch.Tensor | None = None, rejected_ratings: torch.Tensor | None = None,
                     aspect_weight: float = 1.0, rating_weight: float = 1.0) -> dict[str, torch.Tensor]:
@@ -392,12 +402,12 @@ def preference_loss(chosen: RewardOutput, rejected: RewardOutput, aspect_index: 
             squared = squared + torch.where(known, out.aspects - ratings.nan_to_num(), 0.0).pow(2).sum()
             rated += int(known.sum())
     rating_mse = squared / max(rated, 1)
-    onehot = F.one_hot(aspect_index.clamp(min=0), chosen.aspects.shape[1]).float() * labelled[:, None]  # (P, K)
+    aspect_correct, aspect_count = aspect_wins(chosen.aspects.detach(), rejected.aspects.detach(), aspect_index)
     return {
         "loss": bt + aspect_weight * bt_aspect + rating_weight * rating_mse,
         "bt": bt.detach(), "bt_aspect": bt_aspect.detach(), "rating_mse": rating_mse.detach(),
         "accuracy": pair_wins(margin.detach()).mean(), "margin": margin.detach().mean(),
-        "aspect_correct": (pair_wins(aspect_margin.detach())[:, None] * onehot).sum(0), "aspect_count": onehot.sum(0),
+        "aspect_correct": aspect_correct, "aspect_count": aspect_count,
     }
 
 
