@@ -63,7 +63,7 @@ from harmo_min.data import (FORMAT_INSTRUCTIONS, MAX_IMAGE_PIXELS, DataError, en
                             read_text)
 from harmo_min.distributed import cleanup, init_distributed
 from harmo_min.model import load_model, resolve_dtype
-from harmo_min.rewards import CHECKED_FORMATS, format_ok
+from harmo_min.rewards import CHECKED_FORMATS, format_ok, groups_of
 from harmo_min.rollout import sample
 from harmo_min.verifier import verify_batch
 
@@ -220,9 +220,9 @@ def generate(model, processor, examples: list, *, args: argparse.Namespace, seed
     rollout = sample(model, batch, n=args.n, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                      top_p=args.top_p, top_k=args.top_k, generator=torch.Generator(device).manual_seed(seed),
                      tokenizer=processor.tokenizer)
-    lengths, n = rollout.lengths.tolist(), args.n
-    return [{"texts": rollout.texts[i * n:(i + 1) * n], "lengths": lengths[i * n:(i + 1) * n],
-             "finish": rollout.finish_reason[i * n:(i + 1) * n]} for i in range(len(examples))]
+    groups = zip(groups_of(rollout.texts, args.n), groups_of(rollout.lengths.tolist(), args.n),
+                 groups_of(rollout.finish_reason, args.n))
+    return [{"texts": texts, "lengths": lengths, "finish": finish} for texts, lengths, finish in groups]
 
 
 def score_items(items: list[tuple[int, BenchItem]], answers: list[dict], *, fmt: str, workers: int = 0,

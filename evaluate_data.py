@@ -65,8 +65,9 @@ from pathlib import Path
 from typing import Any
 
 from harmo_min.data import (MAX_IMAGE_PIXELS, SHARD_NAME, TABLE_SUFFIXES, DataError, Example, ImageCheck, ImageLike,
-                            image_value, load_jsonl, load_table, read_table, read_text, table_columns, table_files)
-from harmo_min.synthetic import TASK_KINDS, synthetic_examples
+                            image_value, load_jsonl, load_table, read_jsonl, read_table, read_text, table_columns,
+                            table_files)
+from harmo_min.synthetic import TASK_KINDS, kind_of, synthetic_examples
 
 BENCHMARK_FORMATS = ("mathvista", "mathverse", "geometry3k", "jsonl", "dataset", "synthetic")
 DISPLAY_NAMES = {"mathvista": "MathVista", "mathverse": "MathVerse", "geometry3k": "Geometry3K"}
@@ -151,15 +152,8 @@ def read_records(path: Path, limit: int | None = None) -> list[tuple[str, str | 
         else:
             raise DataError(f"{path}: expected a JSON list of records, an object of records keyed by id, or JSONL")
     else:
-        # Only "\n" ends a line: str.splitlines() would also split at U+2028, which JSON strings may hold raw.
-        for lineno, line in enumerate(text.split("\n"), start=1):
-            if not line.strip():
-                continue
-            try:
-                records.append((f"{path}:{lineno}", None, json.loads(line)))
-            except json.JSONDecodeError as err:
-                raise DataError(f"{path}:{lineno}: not valid JSON ({err.msg} at column {err.colno})") from None
-    for where, _, record in records:
+        records = [(where, None, record) for where, record in read_jsonl(path, text)]
+    for where, _, record in records:  # JSON Lines records were checked by read_jsonl
         if not isinstance(record, dict):
             raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
     if not records:
@@ -410,8 +404,7 @@ def _synthetic(name: str | None, rest: str, limit: int | None, seed: int) -> Ben
     n = int(count) if limit is None else min(int(count), limit)
     examples = synthetic_examples(n, seed=seed, kinds=kinds)
     bench_name = name or "synthetic"
-    # synthetic_examples cycles through `kinds`, so example i is of kind i % len(kinds).
-    items = [BenchItem(ex, bench_name, kinds[i % len(kinds)], f"synthetic[{i}]") for i, ex in enumerate(examples)]
+    items = [BenchItem(ex, bench_name, kind_of(ex), f"synthetic[{i}]") for i, ex in enumerate(examples)]
     return Benchmark(bench_name, "synthetic", f"synthetic:{rest}", items)
 
 

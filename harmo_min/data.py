@@ -167,13 +167,16 @@ def read_text(path: str | os.PathLike) -> str:
                         f"save the file as UTF-8") from None
 
 
-def read_jsonl(path: str | os.PathLike) -> Iterator[tuple[str, dict]]:
-    """Yield ("file:line", record) for every non-blank line; a line that is not a JSON object is a DataError."""
+def read_jsonl(path: str | os.PathLike, text: str | None = None) -> Iterator[tuple[str, dict]]:
+    """Yield ("file:line", record) for every non-blank line; a line that is not a JSON object is a DataError.
+    `text`: the file's contents when the caller has read them already."""
     path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: no such file")
+    if text is None:
+        if not path.is_file():
+            raise DataError(f"{path}: no such file")
+        text = read_text(path)
     # Only "\n" ends a record: str.splitlines() would also split at U+2028 and friends, which JSON strings may hold.
-    for lineno, line in enumerate(read_text(path).split("\n"), start=1):
+    for lineno, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue
         where = f"{path}:{lineno}"

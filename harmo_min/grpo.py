@@ -57,6 +57,7 @@ from harmo_min.model import encoded_images, mrope_positions, placeholder_ids
 
 AGGREGATIONS = ("token_mean", "seq_mean", "constant")
 KL_ESTIMATORS = ("k1", "k2", "k3")
+CHUNK = 1024  # rows per float32 softmax chunk in token_logprobs (the memory plan counts one chunk)
 
 
 def group_advantages(rewards: torch.Tensor, group_size: int, *, scale_std: bool = False,
@@ -152,7 +153,7 @@ def training_inputs(prompts: dict, images_per_prompt: list[int], rollout, rows: 
     p = rollout.prompt_index[rows]                                             # (b,)
     mask = prompts["attention_mask"][p]                                        # (b, P)
     first = int((mask.cumsum(-1) == 0).sum(-1).min())                          # leading pad shared by all rows
-    T = max(1, int(rollout.response_mask[rows].sum(-1).max()))                 # the longest response here
+    T = max(1, int(rollout.lengths[rows].max()))                               # the longest response here
     response_ids, response_mask = rollout.response_ids[rows, :T], rollout.response_mask[rows, :T]   # (b, T)
     out = {
         "input_ids": torch.cat([prompts["input_ids"][p][:, first:], response_ids], 1),           # (b, P' + T)
@@ -177,7 +178,7 @@ def training_inputs(prompts: dict, images_per_prompt: list[int], rollout, rows: 
     return out
 
 
-def token_logprobs(model, inputs: dict, *, temperature: float = 1.0, chunk: int = 1024
+def token_logprobs(model, inputs: dict, *, temperature: float = 1.0, chunk: int = CHUNK
                    ) -> tuple[torch.Tensor, torch.Tensor]:
     """log π(response token)/T (b, T) and per-token entropy (b, T) from one forward of prompt + response.
 

@@ -54,12 +54,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLModel
+from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
-from harmo_min.model import DTYPES, build_tiny_tokenizer, tiny_config
+from harmo_min.grpo import CHUNK
+from harmo_min.model import build_tiny_tokenizer, resolve_dtype, tiny_config
 
 GB = 2 ** 30
-CHUNK = 1024  # grpo.token_logprobs' default chunk of rows for the float32 softmax
 _VISION = dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, patch_size=14, spatial_merge_size=2,
                temporal_patch_size=2, window_size=112, fullatt_block_indexes=[7, 15, 23, 31])
 _ROPE = {"rope_type": "default", "rope_theta": 1e6, "mrope_section": [16, 24, 24]}
@@ -105,11 +105,10 @@ class Arch:
             raise FileNotFoundError(f"{key}={path}: no config.json there, and not one of {sorted(PUBLIC)}")
         with torch.device("meta"):
             model = Qwen2_5_VLForConditionalGeneration._from_config(config)
-            backbone = sum(p.numel() for p in Qwen2_5_VLModel._from_config(config).parameters())
         count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
         total, vision, layer = count(model), count(model.model.visual), count(model.model.language_model.layers[0])
         return cls(name, total, vision, layer, total - vision - layer * config.text_config.num_hidden_layers,
-                   backbone, config)
+                   count(model.model), config)  # model.model: the Qwen2_5_VLModel a reward model is built on
 
 
 def _arch(cfg: dict, key: str) -> Arch:
@@ -194,7 +193,7 @@ def plan(cfg: dict, *, world_size: int, gpu_gb: float = 80.0, prompt_tokens: int
     if not 0 <= image_tokens <= prompt_tokens:
         raise ValueError(f"--image-tokens {image_tokens} must be between 0 and --prompt-tokens {prompt_tokens}")
     name = cfg["model"]["compute_dtype"]
-    dtype = torch.bfloat16 if name == "auto" else DTYPES[name]  # auto: bf16 on the GPU this plans for
+    dtype = resolve_dtype(name, torch.device("cuda"))  # auto: bf16 on the GPU this plans for
     c, W, n, b = dtype.itemsize, world_size, r["n"], g["micro_batch_size"]
     arch = _arch(cfg, "model")
     prompts, seq, resp = g["prompts_per_step"] // W, prompt_tokens + r["max_new_tokens"], r["max_new_tokens"]

@@ -115,13 +115,20 @@ def make_example(kind: str, rng: random.Random, index: int, *, size: int = 112) 
                            reference=str(a))
         return Example(uid, problem="What is the sum of the two numbers in the image?", images=[image],
                        answer=str(a + b), reference=f"{a} + {b}")
-    if kind in ("choice", "colour"):
+    if kind in ("choice", "colour", "describe"):
+        # One shape filling the image. (For describe: with two or three the warm-up policy named them right about
+        # a fifth of the time and the tiny reward model could not tell its near misses from faithful descriptions,
+        # correlation 0.19.)
         colour, shape = rng.choice(list(COLOURS)), rng.choice(SHAPES)
         image, draw = _canvas(size)
         _draw_shape(draw, shape, (size // 8, size // 8, size - size // 8, size - size // 8), COLOURS[colour])
         if kind == "colour":
             return Example(uid, problem="What colour is the shape?", images=[image], answer=colour,
                            reference=f"{colour} {shape}")
+        if kind == "describe":
+            reference = f"The image shows a {colour} {shape} on white."
+            return Example(uid, problem=f"Describe the image in at most {DESCRIBE_MAX_WORDS} words.", images=[image],
+                           reference=reference, constraints=[{"kind": "max_words", "value": DESCRIBE_MAX_WORDS}])
         # Options in one fixed order: with shuffled options the letter is a lookup in the prompt (an induction
         # head) that the 2-layer tiny model had not learned after 600 warm-up steps (accuracy 0.26, chance 0.25,
         # while it named the colour right every time).
@@ -132,25 +139,16 @@ def make_example(kind: str, rng: random.Random, index: int, *, size: int = 112) 
             images=[image], answer="ABCD"[options.index(colour)], choices=options,
             constraints=[{"kind": "answer_is_choice_letter"}], reference=f"{colour} {shape}",
         )
-    if kind == "describe":
-        # One shape: with two or three the warm-up policy named them right about a fifth of the time and the
-        # tiny reward model could not tell its near misses from faithful descriptions (correlation 0.19).
-        colour, shape = rng.choice(list(COLOURS)), rng.choice(SHAPES)
-        image, draw = _canvas(size)
-        _draw_shape(draw, shape, (size // 8, size // 8, size - size // 8, size - size // 8), COLOURS[colour])
-        reference = f"The image shows a {colour} {shape} on white."
-        return Example(uid, problem=f"Describe the image in at most {DESCRIBE_MAX_WORDS} words.", images=[image],
-                       reference=reference, constraints=[{"kind": "max_words", "value": DESCRIBE_MAX_WORDS}])
     raise ValueError(f"unknown synthetic task kind {kind!r}; expected one of {TASK_KINDS}")
 
 
 def synthetic_examples(n: int, *, seed: int = 0, kinds: tuple[str, ...] = TASK_KINDS, size: int = 112) -> list[Example]:
     """`n` synthetic examples cycling through `kinds`; the same seed gives the same examples and pixels."""
     unknown = [k for k in kinds if k not in TASK_KINDS]
-    if not kinds:
-        raise ValueError(f"data.kinds: no synthetic task kinds; expected some of {list(TASK_KINDS)}")
     if unknown:
         raise ValueError(f"data.kinds: unknown synthetic task kind(s) {unknown}; expected some of {list(TASK_KINDS)}")
+    if not kinds:
+        raise ValueError(f"data.kinds: no synthetic task kinds; expected some of {list(TASK_KINDS)}")
     rng = random.Random(seed)
     return [make_example(kinds[i % len(kinds)], rng, i, size=size) for i in range(n)]
 
@@ -233,9 +231,6 @@ def synthetic_demonstrations(n: int, *, seed: int = 0, kinds: Sequence[str] = TA
 # Preference pairs (reward-model data)
 # ---------------------------------------------------------------------------------------------------------------
 
-# Wrong answers stay inside each task's range, so no pair can be told apart by an out-of-range number alone.
-_ANSWER_RANGES = {"count": [str(i) for i in range(1, 5)], "digits": [str(i) for i in DIGITS],
-                  "arithmetic": [str(i) for i in range(2 * max(DIGITS) + 1)], "colour": list(COLOURS), "choice": list("ABCD")}
 SYNTHETIC_ASPECTS = ("correctness", "format", "faithfulness", "helpfulness")
 
 
@@ -272,8 +267,11 @@ def _misread(example: Example, rng: random.Random) -> tuple[str, str]:
         other = rng.choice([c for c in COLOURS if c != colour])
         answer = other if kind == "colour" else "ABCD"[example.choices.index(other)]
         return f"{other} {shape}", answer
-    wrong = rng.choice([a for a in _ANSWER_RANGES[kind] if a != example.answer])
-    return wrong, wrong  # digits: the digit read is the answer
+    assert kind == "digits", kind  # open items are misdescribed (_misdescribe), not misread
+    # Another digit of the task's range (no pair can be told apart by an out-of-range number alone): the digit read
+    # is the answer.
+    wrong = rng.choice([str(d) for d in DIGITS if str(d) != example.answer])
+    return wrong, wrong
 
 
 def _misdescribe(reference: str, rng: random.Random) -> str:
