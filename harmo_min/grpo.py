@@ -4,8 +4,8 @@ For a group of G responses to one prompt with rewards R_1..R_G (rewards.py):
 
     A_i = R_i − mean(R)                 [paper]      or   (R_i − mean(R)) / (std(R) + 1e-4)   (scale_std)
 
-Every token t of response i shares A_i. With logp = log π_θ(token)/T from a training forward (same positions and
-temperature as the sampler), logp_old from before the update and logp_ref from the frozen reference, r = logp_ref − logp:
+Every token t of response i shares A_i. With logp = log π_θ(token)/T from a training forward (the sampler's positions
+and temperature), logp_old from before the update and logp_ref from the frozen reference, r = logp_ref − logp:
 
     ratio = exp(logp − logp_old)
     ℓ_t   = −min(ratio · A, clip(ratio, 1 − ε_low, 1 + ε_high) · A) + β · k          [ε_low 0.2, ε_high 0.28]
@@ -36,13 +36,11 @@ With one update per rollout batch logp_old = logp.detach() (ratio ≡ 1, only th
 with several epochs logp_old is stored from a no-grad forward before the first update.
 
 Training forward (`micro_batches`, `training_inputs`, `token_logprobs`): a rank's rows are cut into micro-batches
-of similar length (a prompt's rows stay together, prompts ordered by their longest response, each micro-batch
-trimmed to its own longest prompt and response). Each micro-batch runs the vision tower once on the images of its
-distinct prompts and hands every row its prompt's features (`mm_encoder_outputs`), so n responses to one prompt
-cost one image encoding, not n. The tower runs even on a micro-batch without images (`model.encoded_images`):
-FSDP2 needs every rank to run every unit in step. Log-probs come from `TokenLogProb`, which keeps only the
-model-dtype logits plus one float per token and recomputes the softmax chunk by chunk in backward (a float32
-(B, T, V) log-softmax would cost 0.6 MB per token at a 152k vocabulary).
+of similar length, each trimmed to its own longest prompt and response. Each micro-batch runs the vision tower once
+on the images of its distinct prompts and hands every row its prompt's features (`mm_encoder_outputs`), so n
+responses to one prompt cost one image encoding, not n; the tower runs even without images, as FSDP2 needs
+(`model.encoded_images`). `TokenLogProb` keeps only the model-dtype logits and one float per token, and recomputes
+the softmax chunk by chunk in backward: a float32 (B, T, V) log-softmax would cost 0.6 MB per token at 152k vocab.
 
 Left out: value functions, PPO's GAE, off-policy importance weighting across rollout batches, sequence-level
 ratios (GSPO).
@@ -71,11 +69,9 @@ def group_advantages(rewards: torch.Tensor, group_size: int, *, scale_std: bool 
 
 
 def zero_variance_groups(accuracy: torch.Tensor, group_size: int) -> torch.Tensor:
-    """(B,) accuracies -> (N,) True where every response of the group got the same accuracy (no signal).
-
-    Filter on accuracy, not on the shaped total: a group where all answers are wrong but lengths differ still has
-    total-reward variance from the length penalty, yet nothing to learn about correctness (DAPO's dynamic sampling).
-    """
+    """(B,) accuracies -> (N,) True where every response of the group got the same accuracy (no signal). On accuracy,
+    not on the shaped total: all-wrong answers of different lengths still vary in total reward (the length penalty),
+    yet teach nothing about correctness (DAPO's dynamic sampling)."""
     grouped = accuracy.view(-1, group_size)
     return (grouped.max(-1).values - grouped.min(-1).values) == 0
 
@@ -92,8 +88,7 @@ def kl_estimate(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: str) -> t
 
 
 def loss_normalizer(loss_mask: torch.Tensor, world, *, aggregation: str, constant_divisor: int) -> float:
-    """The global divisor of the aggregation, counted over every rank (a collective): Σ tokens (token_mean),
-    responses (seq_mean) or responses · C (constant). Responses without a valid token (dropped groups) count 0."""
+    """The global divisor, over every rank (a collective): Σ tokens, responses or responses · C; dropped groups: 0."""
     tokens, rows = world.sum([float(loss_mask.sum()), float((loss_mask.sum(-1) > 0).sum())])
     return {"token_mean": tokens, "seq_mean": rows, "constant": rows * constant_divisor}[aggregation]
 
@@ -118,10 +113,7 @@ def grpo_loss(
     if ref_logp is not None and kl_coef > 0:
         per_token = per_token + kl_coef * kl_estimate(logp, ref_logp, kl_estimator)
     per_token = per_token * mask
-    if aggregation == "seq_mean":
-        total = (per_token.sum(-1) / mask.sum(-1).clamp(min=1)).sum()
-    else:
-        total = per_token.sum()
+    total = (per_token.sum(-1) / mask.sum(-1).clamp(min=1)).sum() if aggregation == "seq_mean" else per_token.sum()
     with torch.no_grad():
         # The clip is active where the clipped branch was chosen and differs: that token passes no gradient.
         stats = {"clip_frac": ((clipped < unclipped) & (mask > 0)).float().sum(), "ratio_mean": (ratio * mask).sum(),
@@ -130,10 +122,6 @@ def grpo_loss(
             stats["kl"] = (kl_estimate(logp, ref_logp, "k3") * mask).sum()
     return total / normalizer, stats
 
-
-# ---------------------------------------------------------------------------------------------------------------
-# The training forward
-# ---------------------------------------------------------------------------------------------------------------
 
 def micro_batches(prompt_index: torch.Tensor, lengths: torch.Tensor, size: int) -> list[torch.Tensor]:
     """Row indices (b,) of each micro-batch: a prompt's rows together, prompts by their longest response."""
@@ -145,11 +133,8 @@ def micro_batches(prompt_index: torch.Tensor, lengths: torch.Tensor, size: int) 
 
 
 def training_inputs(prompts: dict, images_per_prompt: list[int], rollout, rows: torch.Tensor) -> dict:
-    """The prompt + response tensors of `rows` for `token_logprobs`, each distinct prompt's images once.
-
-    `prompts` is the left-padded encoded batch the rollout was sampled from (pixel_values of all its images in
-    order); `images_per_prompt[p]` the number of images of prompt p.
-    """
+    """The prompt + response tensors of `rows` for `token_logprobs`, each distinct prompt's images once. `prompts`:
+    the encoded batch the rollout was sampled from; `images_per_prompt[p]`: the number of images of prompt p."""
     p = rollout.prompt_index[rows]                                             # (b,)
     mask = prompts["attention_mask"][p]                                        # (b, P)
     first = int((mask.cumsum(-1) == 0).sum(-1).min())                          # leading pad shared by all rows
@@ -162,9 +147,7 @@ def training_inputs(prompts: dict, images_per_prompt: list[int], rollout, rows: 
         "response_ids": response_ids, "response_mask": response_mask,
         "pixel_values": None, "image_grid_thw": None, "row_images": [], "row_grid": None,
     }
-    image_start = [0]
-    for k in images_per_prompt:
-        image_start.append(image_start[-1] + k)
+    image_start = [0] + torch.tensor(images_per_prompt).cumsum(0).tolist()
     distinct = sorted(set(p.tolist()))
     images = [j for q in distinct for j in range(image_start[q], image_start[q + 1])]
     if images:
@@ -186,27 +169,22 @@ def token_logprobs(model, inputs: dict, *, temperature: float = 1.0, chunk: int 
     sampler's decode positions ((real tokens so far − 1) + rope delta); tokens after EOS are masked out of the
     attention and of every result.
     """
-    position_ids, _ = mrope_positions(model, {"input_ids": inputs["input_ids"], "attention_mask": inputs["attention_mask"],
-                                              "mm_token_type_ids": inputs["mm_token_type_ids"],
-                                              "image_grid_thw": inputs["row_grid"]})          # (3, b, P' + T)
+    position_ids, _ = mrope_positions(model, {**inputs, "image_grid_thw": inputs["row_grid"]})  # (3, b, P' + T)
     L, T = inputs["input_ids"].shape[1], inputs["response_ids"].shape[1]
     keep = torch.arange(L - T - 1, L - 1, device=inputs["input_ids"].device)  # position P−1+t predicts token t
     with encoded_images(model, inputs["pixel_values"], inputs["image_grid_thw"]) as features:  # once per micro-batch
-        encoded = None
-        if features:  # each row gets its prompt's images' features
-            encoded = {"image": BaseModelOutputWithPooling(pooler_output=tuple(features[k] for k in inputs["row_images"]))}
+        row_features = tuple(features[k] for k in inputs["row_images"])  # each row: its prompt's images
+        encoded = {"image": BaseModelOutputWithPooling(pooler_output=row_features)} if features else None
         out = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], position_ids=position_ids,
                     mm_encoder_outputs=encoded, use_cache=False, logits_to_keep=keep)
-    logits = out.logits                                                  # (b, T, V), computed for these T only
-    b, _, V = logits.shape
-    logp, entropy = TokenLogProb.apply(logits.reshape(b * T, V), inputs["response_ids"].reshape(-1), temperature,
-                                       chunk, placeholder_ids(model))
-    mask = inputs["response_mask"].float()
-    return logp.view(b, T) * mask, entropy.view(b, T) * mask
+    mask = inputs["response_mask"].float()                                    # (b, T)
+    logp, entropy = TokenLogProb.apply(out.logits.flatten(0, 1), inputs["response_ids"].flatten(), temperature,
+                                       chunk, placeholder_ids(model))        # out.logits: (b, T, V), these T only
+    return logp.view_as(mask) * mask, entropy.view_as(mask) * mask
 
 
 class TokenLogProb(torch.autograd.Function):
-    """log softmax(logits / T)[target] per row, saving only the logits (model dtype) and one lse per row."""
+    """log softmax(logits / T)[target] and the entropy per row; backward recomputes the softmax from logits and lse."""
 
     @staticmethod
     def forward(ctx, logits: torch.Tensor, target: torch.Tensor, temperature: float, chunk: int, suppress: list[int]):

@@ -14,17 +14,17 @@ mm_token_type_ids, pixel_values, image_grid_thw); B = N * n rows are decoded. Th
    (B, H_kv, L, D), L = P + max_new_tokens - 1, with the prompt's rows repeated n times (`repeat_interleave`), and
    one (B, L) attention mask: the prompt's padding closed, every response slot closed until it is written. n
    responses per prompt cost one prefill and one vision-tower pass, not n.
-3. **decode** one token per step (`decode_one`): open the token's slot in the mask, run the model on the one token,
+3. **decode** one token per step (`decode_one`): open the token's slot in the mask and run the model on the token;
    every attention layer writes its key and value into column P + t of its buffers in place (`index_copy_`) and
-   attends over the whole buffer under the mask. No tensor grows and no address moves: the step has static shapes,
-   so `compile=True` hands it to `torch.compile` (CUDA graphs on a GPU). The mask goes in already 4-D
-   (`{"full_attention": (B, 1, 1, L)}`), which transformers takes as prepared, as it does from `generate`, instead
-   of rebuilding a mask from the 2-D one every forward. Position of a new text token, on all three M-RoPE axes:
-   `(real tokens so far - 1) + rope_delta` with `rope_delta = max prompt position + 1 - prompt length` (an image
-   spans fewer positions than tokens), i.e. `real prompt tokens + rope_delta + t` for the token fed at step t.
-   Real tokens are counted from the attention mask, so left padding never shifts positions, and text-only prompts
-   (`rope_delta = 0`) get `arange`. The first decode step always runs eagerly and checks that every attention layer
-   wrote into the static buffers: a cache the layers bypassed would, again, decode wrong in silence.
+   attends over the whole buffer under the mask, passed already 4-D (`{"full_attention": (B, 1, 1, L)}`) so that
+   transformers takes it as prepared, as from `generate`, instead of rebuilding it every forward. No tensor grows
+   and no address moves: the step has static shapes, so `compile=True` hands it to `torch.compile` (CUDA graphs on
+   a GPU). Position of a new text token, on all three M-RoPE axes: `(real tokens so far - 1) + rope_delta` with
+   `rope_delta = max prompt position + 1 - prompt length` (an image spans fewer positions than tokens), i.e.
+   `real prompt tokens + rope_delta + t` for the token fed at step t. Real tokens are counted from the attention
+   mask, so left padding never shifts positions, and text-only prompts (`rope_delta = 0`) get `arange`. The first
+   decode step runs eagerly and checks that every attention layer wrote into the static buffers: a cache the
+   layers bypassed would, again, decode wrong in silence.
 4. **sample** (`sample_next`): vision placeholder ids (`<|image_pad|>`, `<|video_pad|>`) masked out (a response
    containing one would be read as an image slot by the training forward, which then fails or misplaces image
    features), logits / T, optional top-k then top-p truncation, and an exponential race (`argmax(p / E)` with
@@ -38,9 +38,9 @@ when greedy) with only the placeholder ids removed. This is exactly what `grpo.t
 training forward, so with one update per rollout the sampler's log-probs can serve as `logp_old`; top-k/top-p only
 shape which tokens get drawn.
 
-`compile` is off by default: on a CPU it pays only where Python overhead dominates (the tiny model), and while
-dynamo traces, transformers' sdpa attention repeats the KV heads (a copy of each layer's cache per step) instead of
-packing the query heads as it does eagerly; see `benchmarks/RESULTS.md`.
+`compile` is off by default: on a CPU it pays only where Python overhead dominates (the tiny model), and under
+dynamo transformers' sdpa copies each layer's cache per step (benchmarks/RESULTS.md). Its first call compiles (tens
+of seconds); later calls with the same shapes reuse the graph.
 
 Under FSDP2 the caller gathers full parameters once for the whole rollout phase (`distributed.gathered_params`):
 every forward then runs locally without collectives, so ranks may stop after different numbers of steps.
@@ -75,25 +75,11 @@ class Rollout:
 
 @torch.no_grad()
 def sample(
-    model,
-    prompts: dict,
-    *,
-    n: int,
-    max_new_tokens: int,
-    temperature: float = 1.0,
-    top_p: float = 1.0,
-    top_k: int = 0,
-    generator: torch.Generator | None = None,
-    eos_ids: list[int] | None = None,
-    pad_id: int | None = None,
-    tokenizer=None,
-    compile: bool = False,
+    model, prompts: dict, *, n: int, max_new_tokens: int, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
+    generator: torch.Generator | None = None, eos_ids: list[int] | None = None, pad_id: int | None = None,
+    tokenizer=None, compile: bool = False,
 ) -> Rollout:
-    """Sample `n` responses for each prompt of the left-padded batch `prompts`; see the module docstring.
-
-    `compile=True` runs the decode step through `torch.compile` ("reduce-overhead", i.e. CUDA graphs, on a GPU);
-    the first call pays the compilation (tens of seconds), later calls with the same shapes reuse it.
-    """
+    """Sample `n` responses for each prompt of the left-padded batch `prompts`; see the module docstring."""
     if n < 1 or max_new_tokens < 1:
         raise ValueError(f"sample: n and max_new_tokens must be >= 1, got n={n}, max_new_tokens={max_new_tokens}")
     if temperature < 0 or not 0 < top_p <= 1 or top_k < 0:
@@ -109,11 +95,9 @@ def sample(
     boolean_mask = _takes_boolean_mask(model)
     device = prompts["input_ids"].device
     eos = torch.tensor(eos_ids, device=device)
-    # The vision placeholders are never sampled; the training forward (grpo.token_logprobs) removes the same ids.
     suppress = torch.tensor(placeholder_ids(model), dtype=torch.long, device=device)
 
-    # Inference mode: no autograd bookkeeping on any op (about a tenth of a small model's decode step on a CPU);
-    # the results are cloned out of it below, so the training step may save them for backward.
+    # No autograd bookkeeping on any op; the results are cloned out below, so the training step may save them.
     with torch.inference_mode():
         logits, rope_deltas, prompt_cache = prefill(model, prompts)            # (N, V), (N, 1)
         prompt_mask = prompts["attention_mask"]                                # (N, P)
@@ -121,7 +105,6 @@ def sample(
                               boolean_mask=boolean_mask)
         del prompt_cache
         logits = logits.repeat_interleave(n, dim=0)                            # (B, V)
-        # Position of the token fed at decode step t: real prompt tokens + rope delta + t (same on all 3 axes).
         first_position = (prompt_mask.sum(-1, keepdim=True) + rope_deltas).repeat_interleave(n, dim=0)  # (B, 1)
         decode = _compiled_decode(cache) if compile else decode_one
 
@@ -138,22 +121,17 @@ def sample(
             done = done | torch.isin(token, eos)
             if t == max_new_tokens - 1 or bool(done.all()):
                 break
-            if t == 0:
-                # The first step runs eagerly and proves that every attention layer wrote its static buffers (the
-                # prefill check only proved the keyword): a cache the layers bypass would decode wrong, silently.
-                logits = decode_one(model, token, first_position, cache)
-                if cache.writes != cache.layers:
-                    raise RuntimeError(f"decode: {cache.writes} of {cache.layers} attention layers wrote the KV cache")
-            else:
-                logits = decode(model, token, first_position + t, cache)
+            # Step 0 runs eagerly, to check that every attention layer wrote the static buffers (module docstring).
+            logits = (decode_one if t == 0 else decode)(model, token, first_position + t, cache)
+            if t == 0 and cache.writes != cache.layers:
+                raise RuntimeError(f"decode: {cache.writes} of {cache.layers} attention layers wrote the KV cache")
 
     steps = t + 1
     response_ids = response_ids[:, :steps].clone()                             # (B, T)
     logprobs = logprobs[:, :steps].clone()                                     # (B, T)
     is_eos = torch.isin(response_ids, eos)
     # 1 through the first EOS: EOS stays in the loss so the policy learns to stop (pad may equal an EOS id).
-    before_first_eos = (is_eos.long().cumsum(-1) - is_eos.long()) == 0
-    response_mask = before_first_eos.long()                                    # (B, T)
+    response_mask = ((is_eos.long().cumsum(-1) - is_eos.long()) == 0).long()  # (B, T)
     finish_reason = ["eos" if hit else "length" for hit in is_eos.any(-1).tolist()]
     texts = tokenizer.batch_decode(response_ids * response_mask + pad_id * (1 - response_mask),
                                    skip_special_tokens=True) if tokenizer is not None else None
@@ -170,18 +148,13 @@ def prefill(model, prompts: dict) -> tuple[torch.Tensor, torch.Tensor, DynamicCa
     filled cache, after checking that it really holds the P prompt positions."""
     position_ids, rope_deltas = mrope_positions(model, prompts)                # (3, N, P), (N, 1)
     cache = DynamicCache(config=model.config)
-    out = model(
-        input_ids=prompts["input_ids"], attention_mask=prompts["attention_mask"], position_ids=position_ids,
-        pixel_values=prompts.get("pixel_values"), image_grid_thw=prompts.get("image_grid_thw"),
-        cache=cache, use_cache=True, logits_to_keep=1,
-    )
-    prompt_len = prompts["input_ids"].shape[1]
-    if cache.get_seq_length() != prompt_len:
-        # A renamed cache keyword lands in **kwargs and is ignored: decoding would see one token per step.
-        raise RuntimeError(
-            f"prefill: the KV cache holds {cache.get_seq_length()} positions after a {prompt_len}-token prompt; "
-            "the model did not fill it (has transformers renamed its `cache=` forward argument?)"
-        )
+    out = model(input_ids=prompts["input_ids"], attention_mask=prompts["attention_mask"], position_ids=position_ids,
+                pixel_values=prompts.get("pixel_values"), image_grid_thw=prompts.get("image_grid_thw"),
+                cache=cache, use_cache=True, logits_to_keep=1)
+    held, prompt_len = cache.get_seq_length(), prompts["input_ids"].shape[1]
+    if held != prompt_len:
+        raise RuntimeError(f"prefill: the KV cache holds {held} positions after a {prompt_len}-token prompt; the model "
+                           "did not fill it (has transformers renamed its `cache=` forward argument?)")
     return out.logits[:, -1], rope_deltas, cache
 
 
@@ -225,22 +198,18 @@ class StaticKVCache:
 def decode_one(model, token: torch.Tensor, position: torch.Tensor, cache: StaticKVCache) -> torch.Tensor:
     """Feed one token per row (B,) at M-RoPE position (B, 1); return the next logits (B, V). Static shapes."""
     cache.mask.index_fill_(1, cache.column, cache.open)                        # (B, L) the token sees itself
-    out = model(
-        input_ids=token[:, None], attention_mask={"full_attention": cache.mask[:, None, None, :]},
-        position_ids=position[None].expand(3, -1, -1), cache=cache, use_cache=True,
-    )
+    out = model(input_ids=token[:, None], attention_mask={"full_attention": cache.mask[:, None, None, :]},
+                position_ids=position[None].expand(3, -1, -1), cache=cache, use_cache=True)
     cache.column.add_(1)
     return out.logits[:, -1]
 
 
 def sample_next(
     logits: torch.Tensor, *, temperature: float, top_p: float, top_k: int, generator: torch.Generator | None,
-    suppress: torch.Tensor | None = None,
+    suppress: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Draw one token per row from logits (B, V); return it (B,) and its log-prob under softmax(logits / T) (B,)."""
-    logits = logits.float()
-    if suppress is not None and suppress.numel():
-        logits = logits.index_fill(-1, suppress, float("-inf"))
+    logits = logits.float().index_fill(-1, suppress, float("-inf"))
     if temperature == 0:
         token = logits.argmax(-1)                                             # (B,)
         return token, torch.log_softmax(logits, -1).gather(-1, token[:, None]).squeeze(-1)
@@ -275,9 +244,8 @@ def _takes_boolean_mask(model) -> bool:
 
 
 def _compiled_decode(cache: StaticKVCache):
-    # CUDA graphs ("reduce-overhead") remove the per-kernel launch cost that bounds a decode step on a GPU; a CPU
-    # has no graphs to replay, so inductor's fused kernels are all compilation buys there. The cache's tensors are
-    # written in place at fixed addresses: marked static, a CUDA graph captures them instead of copying them in.
+    # CUDA graphs ("reduce-overhead") remove the kernel launch cost that bounds a GPU decode step. The cache's tensors
+    # are written in place at fixed addresses: marked static, a graph captures them instead of copying them in.
     for tensor in (*cache.keys, *cache.values, cache.mask, cache.column):
         torch._dynamo.mark_static_address(tensor)
     mode = "reduce-overhead" if cache.mask.device.type == "cuda" else "default"
