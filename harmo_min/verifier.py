@@ -85,12 +85,9 @@ def verify(response: str, gold: str, *, choices: list[str] | None = None, timeou
     try:
         pred = extract_answer(response)
         gold = _gold_text(gold)
-        if gold is None:
-            return Verdict(False, 0.0, pred, "gold_unparseable")
-        if pred is None:
-            return Verdict(False, 1.0, None, "no_answer")
-        if len(pred) > MAX_ANSWER_CHARS:
-            return Verdict(False, 1.0, pred, "too_large")
+        if gold is None or pred is None or len(pred) > MAX_ANSWER_CHARS:
+            reason = "gold_unparseable" if gold is None else "no_answer" if pred is None else "too_large"
+            return Verdict(False, 0.0 if gold is None else 1.0, pred, reason)
         if _canon(pred) == _canon(gold):
             return Verdict(True, 1.0, pred, "exact")
         choices = [str(c) for c in choices] if choices else None
@@ -135,8 +132,7 @@ def answer_block(text: str) -> str | None:
 
 
 def last_boxed(text: str) -> str | None:
-    r"""Content of the last \boxed{...} or \fbox{...} (also `\boxed 5`), or None when the last box is absent
-    or malformed (unbalanced braces, nothing after it): an earlier box never stands in for a broken last one."""
+    r"""Content of the last \boxed{...} or \fbox{...} (also `\boxed 5`); None when it is absent or malformed."""
     i = max(text.rfind("\\boxed"), text.rfind("\\fbox"))
     if i < 0:
         return None
@@ -176,7 +172,7 @@ def _braced(s: str, i: int) -> tuple[str, int] | None:
 
 
 def _phrase(s: str) -> str | None:
-    last = max(_PHRASE.finditer(s), key=lambda m: m.start(), default=None)  # "Final Answer: The final answer is 5"
+    last = max(_PHRASE.finditer(s), key=lambda m: m.start(), default=None)  # the last: "Final Answer: The answer is 5"
     if last is None:
         return None
     line = _LINE.match(s, last.end()).group()
@@ -215,13 +211,14 @@ _GREEK = {"alpha", "beta", "gamma", "delta", "epsilon", "varepsilon", "zeta", "e
           "iota", "kappa", "lambda", "mu", "nu", "xi", "rho", "sigma", "tau", "upsilon", "phi", "varphi",
           "chi", "psi", "omega", "Gamma", "Delta", "Theta", "Lambda", "Sigma", "Phi", "Psi", "Omega"}
 _NAMES = _FUNCS | _GREEK | {"pi", "oo"}
-_SIMPLE = {"cdot": "*", "times": "*", "ast": "*", "div": "/", "infty": "oo", "le": "<=", "leq": "<=",
-           "leqslant": "<=", "ge": ">=", "geq": ">=", "geqslant": ">=", "ne": "!=", "neq": "!=", "lt": "<",
-           "gt": ">", "approx": "=", "circ": "°", "degree": "°", "%": "%", "cup": "∪", "in": "∈", "$": "",
-           "{": "\x01", "}": "\x02", "lbrace": "\x01", "rbrace": "\x02", "mid": "|", "vert": "|", "lvert": "|",
-           "rvert": "|"}  # \x01 \x02: set braces, kept apart from LaTeX grouping braces until the end
-_SPACE = {",", ";", ":", "!", " ", "\\", "quad", "qquad", "displaystyle", "textstyle", "left", "right", "big",
-          "Big", "bigg", "Bigg", "bigl", "bigr", "Bigl", "Bigr", "angle", "measuredangle", "triangle"}
+_LATEX = {  # what a command without an argument becomes; \x01 \x02: set braces, apart from LaTeX groups till the end
+    "cdot": "*", "times": "*", "ast": "*", "div": "/", "infty": "oo", "le": "<=", "leq": "<=", "leqslant": "<=",
+    "ge": ">=", "geq": ">=", "geqslant": ">=", "ne": "!=", "neq": "!=", "lt": "<", "gt": ">", "approx": "=",
+    "circ": "°", "degree": "°", "%": "%", "cup": "∪", "in": "∈", "{": "\x01", "}": "\x02", "lbrace": "\x01",
+    "rbrace": "\x02", "mid": "|", "vert": "|", "lvert": "|", "rvert": "|", **{name: f" {name} " for name in _NAMES},
+    **dict.fromkeys([",", ";", ":", "!", " ", "\\", "quad", "qquad", "displaystyle", "textstyle", "left", "right",
+                     "big", "Big", "bigg", "Bigg", "bigl", "bigr", "Bigl", "Bigr", "angle", "measuredangle",
+                     "triangle"], " ")}
 _WRAP = {"text", "textbf", "textit", "textrm", "mathrm", "mathbf", "mathit", "operatorname", "mbox", "boxed",
          "overline", "overrightarrow", "vec", "hat", "bar", "widehat", "underline", "mathbb", "boldsymbol"}
 _UNICODE = {"π": "\\pi ", "∞": "\\infty ", "×": "\\times ", "·": "\\cdot ", "⋅": "\\cdot ", "÷": "/", "−": "-",
@@ -311,12 +308,10 @@ def _delatex(s: str) -> str:
         elif name in _WRAP:
             a, i = _group(s, i)
             out.append(f" {_delatex(a)} " if name == "text" else f"({_delatex(a)})")
-        elif name in _SPACE:
-            out.append(" ")
+        elif name in _LATEX:
+            out.append(_LATEX[name])
             if name in ("left", "right") and s.startswith(".", i):
                 i += 1  # \left. is an invisible delimiter
-        elif name in _SIMPLE or name in _NAMES:
-            out.append(_SIMPLE.get(name) or f" {name} ")
         else:
             raise _Fail("unparseable")  # \pm, \begin{pmatrix}, ...: not silently dropped
     return "".join(out)
@@ -487,8 +482,7 @@ def _decide(pred: str, gold: str, choices: list[str] | None, deadline: float) ->
     try:
         if not _balanced(pred):
             raise _Fail("unparseable")
-        correct = _cmp(_thousands(_to_math(pred)), g, ctx)
-        return correct, 1.0, "symbolic" if ctx.used_sympy else "numeric"
+        return _cmp(_thousands(_to_math(pred)), g, ctx), 1.0, "symbolic" if ctx.used_sympy else "numeric"
     except _Fail as f:
         reason = f.args[0]
     if reason == "unparseable":  # prose or LaTeX we do not cover: a weak string comparison decides
@@ -802,7 +796,7 @@ def _sympy_call(job: tuple, deadline: float) -> bool:
 
     if left() <= 0 or not _sympy_lock.acquire(timeout=left()):
         raise _Fail("timeout")
-    res = None  # stays None if the worker hangs, or we are interrupted (Ctrl-C) between send and recv
+    res, answered = ("fail", "timeout"), False
     try:
         if _sympy is not None and not _sympy.alive():
             _sympy.kill()
@@ -811,18 +805,17 @@ def _sympy_call(job: tuple, deadline: float) -> bool:
             _sympy = _Child(_sympy_job)  # an OSError here (cannot fork) propagates: no verdict on the text
         try:
             _sympy.conn.send(job)
-            res = _sympy.conn.recv() if _sympy.conn.poll(left()) else None
+            if _sympy.conn.poll(left()):
+                res, answered = _sympy.conn.recv(), True
         except (EOFError, OSError):
-            res = ("fail", "dead")  # it died on this job
+            res = ("fail", "error")  # it died on this job
     finally:
-        if _sympy is not None and res in (None, ("fail", "dead")):  # its pipe may hold this job's answer:
-            _sympy.kill()  # never read it as the next job's
+        if _sympy is not None and not answered:  # hung, died or interrupted (Ctrl-C): its pipe may hold this
+            _sympy.kill()  # job's answer, never to be read as the next job's
             _sympy = None
         _sympy_lock.release()
-    if res is None:
-        raise _Fail("timeout")
     if res[0] == "fail":
-        raise _Fail("error" if res[1] == "dead" else res[1])
+        raise _Fail(res[1])
     return res[1]
 
 
