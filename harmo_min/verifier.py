@@ -50,6 +50,7 @@ import threading
 import time
 from dataclasses import dataclass
 from fractions import Fraction
+from itertools import accumulate
 from multiprocessing.connection import Pipe
 from typing import Callable, Sequence
 
@@ -84,12 +85,9 @@ def verify(response: str, gold: str, *, choices: list[str] | None = None, timeou
     try:
         pred = extract_answer(response)
         gold = _gold_text(gold)
-        if gold is None:
-            return Verdict(False, 0.0, pred, "gold_unparseable")
-        if pred is None:
-            return Verdict(False, 1.0, None, "no_answer")
-        if len(pred) > MAX_ANSWER_CHARS:
-            return Verdict(False, 1.0, pred, "too_large")
+        if gold is None or pred is None or len(pred) > MAX_ANSWER_CHARS:
+            reason = "gold_unparseable" if gold is None else "no_answer" if pred is None else "too_large"
+            return Verdict(False, 0.0 if gold is None else 1.0, pred, reason)
         if _canon(pred) == _canon(gold):
             return Verdict(True, 1.0, pred, "exact")
         choices = [str(c) for c in choices] if choices else None
@@ -117,8 +115,7 @@ def extract_answer(response: str) -> str | None:
         return None
     text = _CONTROL.sub("", response)
     if (inner := answer_block(text)) is not None:
-        boxed = "\\boxed" in inner or "\\fbox" in inner
-        return _tidy(last_boxed(inner) if boxed else _phrase(inner) or inner)
+        return _tidy(last_boxed(inner) if "\\boxed" in inner or "\\fbox" in inner else _phrase(inner) or inner)
     if "\\boxed" in text or "\\fbox" in text:
         return _tidy(last_boxed(text))
     phrase, bare = _phrase(text), text.strip()
@@ -135,15 +132,13 @@ def answer_block(text: str) -> str | None:
 
 
 def last_boxed(text: str) -> str | None:
-    r"""Content of the last \boxed{...} or \fbox{...} (also `\boxed 5`), or None when the last box is absent
-    or malformed (unbalanced braces, nothing after it): an earlier box never stands in for a broken last one."""
+    r"""Content of the last \boxed{...} or \fbox{...} (also `\boxed 5`); None when it is absent or malformed."""
     i = max(text.rfind("\\boxed"), text.rfind("\\fbox"))
     if i < 0:
         return None
-    k = j = i + (6 if text.startswith("\\boxed", i) else 5)
-    while j < len(text) and text[j] == " ":
-        j += 1
-    if j < len(text) and text[j] == "{":
+    k = i + (6 if text.startswith("\\boxed", i) else 5)
+    j = _BLANKS.match(text, k).end()
+    if text.startswith("{", j):
         got = _braced(text, j)
         return got[0] if got else None
     m = _NON_SPACE.match(text, j)
@@ -154,6 +149,7 @@ def last_boxed(text: str) -> str | None:
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 _ASCII_LOWER = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrstuvwxyz")
 _BRACE = re.compile(r"[{}]")
+_BLANKS = re.compile(" *")
 _NON_SPACE = re.compile(r"[^\s$]+")
 _LINE = re.compile(r"[^\n]*")
 _PHRASE = re.compile(r"(?:final answer|the (?:correct |final )?(?:answer|option|choice)|answer)"
@@ -176,9 +172,7 @@ def _braced(s: str, i: int) -> tuple[str, int] | None:
 
 
 def _phrase(s: str) -> str | None:
-    last = None
-    for last in _PHRASE.finditer(s):  # "Final Answer: The final answer is 5": the last phrase counts
-        pass
+    last = max(_PHRASE.finditer(s), key=lambda m: m.start(), default=None)  # the last: "Final Answer: The answer is 5"
     if last is None:
         return None
     line = _LINE.match(s, last.end()).group()
@@ -205,7 +199,7 @@ def _gold_text(gold) -> str | None:
     gold = _CONTROL.sub("", gold)
     text = _tidy(last_boxed(gold) if "\\boxed" in gold or "\\fbox" in gold else gold)
     if (not text or len(text) > MAX_ANSWER_CHARS or not any(ch.isalnum() or ch in "∞∅" for ch in text)
-            or not _balanced(text) or _max_depth(text) > MAX_DEPTH):
+            or not _balanced(text) or _too_deep(text)):
         return None
     return text
 
@@ -217,13 +211,14 @@ _GREEK = {"alpha", "beta", "gamma", "delta", "epsilon", "varepsilon", "zeta", "e
           "iota", "kappa", "lambda", "mu", "nu", "xi", "rho", "sigma", "tau", "upsilon", "phi", "varphi",
           "chi", "psi", "omega", "Gamma", "Delta", "Theta", "Lambda", "Sigma", "Phi", "Psi", "Omega"}
 _NAMES = _FUNCS | _GREEK | {"pi", "oo"}
-_SIMPLE = {"cdot": "*", "times": "*", "ast": "*", "div": "/", "infty": "oo", "le": "<=", "leq": "<=",
-           "leqslant": "<=", "ge": ">=", "geq": ">=", "geqslant": ">=", "ne": "!=", "neq": "!=", "lt": "<",
-           "gt": ">", "approx": "=", "circ": "°", "degree": "°", "%": "%", "cup": "∪", "in": "∈", "$": "",
-           "{": "\x01", "}": "\x02", "lbrace": "\x01", "rbrace": "\x02", "mid": "|", "vert": "|", "lvert": "|",
-           "rvert": "|"}  # \x01 \x02: set braces, kept apart from LaTeX grouping braces until the end
-_SPACE = {",", ";", ":", "!", " ", "\\", "quad", "qquad", "displaystyle", "textstyle", "left", "right", "big",
-          "Big", "bigg", "Bigg", "bigl", "bigr", "Bigl", "Bigr", "angle", "measuredangle", "triangle"}
+_LATEX = {  # what a command without an argument becomes; \x01 \x02: set braces, apart from LaTeX groups till the end
+    "cdot": "*", "times": "*", "ast": "*", "div": "/", "infty": "oo", "le": "<=", "leq": "<=", "leqslant": "<=",
+    "ge": ">=", "geq": ">=", "geqslant": ">=", "ne": "!=", "neq": "!=", "lt": "<", "gt": ">", "approx": "=",
+    "circ": "°", "degree": "°", "%": "%", "cup": "∪", "in": "∈", "{": "\x01", "}": "\x02", "lbrace": "\x01",
+    "rbrace": "\x02", "mid": "|", "vert": "|", "lvert": "|", "rvert": "|", **{name: f" {name} " for name in _NAMES},
+    **dict.fromkeys([",", ";", ":", "!", " ", "\\", "quad", "qquad", "displaystyle", "textstyle", "left", "right",
+                     "big", "Big", "bigg", "Bigg", "bigl", "bigr", "Bigl", "Bigr", "angle", "measuredangle",
+                     "triangle"], " ")}
 _WRAP = {"text", "textbf", "textit", "textrm", "mathrm", "mathbf", "mathit", "operatorname", "mbox", "boxed",
          "overline", "overrightarrow", "vec", "hat", "bar", "widehat", "underline", "mathbb", "boldsymbol"}
 _UNICODE = {"π": "\\pi ", "∞": "\\infty ", "×": "\\times ", "·": "\\cdot ", "⋅": "\\cdot ", "÷": "/", "−": "-",
@@ -236,6 +231,8 @@ _WORDS = {w: str(i) for i, w in enumerate("zero one two three four five six seve
 _TEXT_CMD = re.compile(r"\\(?:text|textbf|mathrm|mathbf|mbox)\{([^{}]*)\}")
 _SPACES = re.compile(r"\s+")
 _PUNCT = re.compile(r"[^\w\s]")
+_ARG = re.compile(r" *(\{|\\[A-Za-z]+|[^ ])", re.S)  # one LaTeX argument: a {group}, a \command or one character
+_CMD = re.compile(r"([^\\]+)|\\([A-Za-z]+|.)", re.S)  # plain text, or one LaTeX command
 
 
 def _canon(s: str) -> str:
@@ -262,49 +259,39 @@ def _is_prose(s: str) -> bool:
         w not in _NAMES for w in re.findall(r"[A-Za-z]{2,}", s))
 
 
+def _nesting(brackets) -> list[int]:
+    """The bracket depth after each character ((, [ and { alike; any other character leaves it)."""
+    return list(accumulate((c in "([{") - (c in ")]}") for c in brackets))
+
+
 def _balanced(s: str) -> bool:
-    depth = 0
-    for m in re.finditer(r"(?<!\\)[{}]", s):
-        depth += 1 if m.group() == "{" else -1
-        if depth < 0:
-            return False
-    return depth == 0
+    """Whether the unescaped LaTeX braces of s are balanced."""
+    depth = _nesting(re.findall(r"(?<!\\)[{}]", s))
+    return not depth or (min(depth) >= 0 and depth[-1] == 0)
 
 
-def _max_depth(s: str) -> int:
-    depth = best = 0
-    for m in re.finditer(r"[(\[{]|[)\]}]", s):
-        depth += 1 if m.group() in "([{" else -1
-        best = max(best, depth)
-    return best
+def _too_deep(s: str) -> bool:
+    return max(_nesting(s), default=0) > MAX_DEPTH
 
 
 def _group(s: str, i: int) -> tuple[str, int]:
-    """One LaTeX argument at s[i:]: a {group}, a \\command, or a single character."""
-    while i < len(s) and s[i] == " ":
-        i += 1
-    if i >= len(s):
+    """The LaTeX argument at s[i:] after any spaces, and the index after it."""
+    m = _ARG.match(s, i)
+    got = _braced(s, m.start(1)) if m and m[1] == "{" else m and (m[1], m.end())
+    if not got:
         raise _Fail("unparseable")
-    if s[i] == "{":
-        got = _braced(s, i)
-        if got is None:
-            raise _Fail("unparseable")
-        return got
-    m = re.compile(r"\\[A-Za-z]+|.", re.S).match(s, i)
-    return m.group(), m.end()
+    return got
 
 
 def _delatex(s: str) -> str:
     out, i = [], 0
     while i < len(s):
-        if s[i] != "\\":
-            out.append({"{": "(", "}": ")"}.get(s[i], s[i]))
-            i += 1
-            continue
-        if not (m := re.compile(r"\\([A-Za-z]+|.)", re.S).match(s, i)):
+        if not (m := _CMD.match(s, i)):
             raise _Fail("unparseable")  # a trailing backslash
-        name, i = m.group(1), m.end()
-        if name in ("frac", "dfrac", "tfrac", "cfrac", "binom"):
+        text, name, i = m[1], m[2], m.end()
+        if text:
+            out.append(text.replace("{", "(").replace("}", ")"))
+        elif name in ("frac", "dfrac", "tfrac", "cfrac", "binom"):
             a, i = _group(s, i)
             b, i = _group(s, i)
             a, b = _delatex(a), _delatex(b)
@@ -321,12 +308,10 @@ def _delatex(s: str) -> str:
         elif name in _WRAP:
             a, i = _group(s, i)
             out.append(f" {_delatex(a)} " if name == "text" else f"({_delatex(a)})")
-        elif name in _SPACE:
-            out.append(" ")
+        elif name in _LATEX:
+            out.append(_LATEX[name])
             if name in ("left", "right") and s.startswith(".", i):
                 i += 1  # \left. is an invisible delimiter
-        elif name in _SIMPLE or name in _NAMES:
-            out.append(_SIMPLE.get(name) or f" {name} ")
         else:
             raise _Fail("unparseable")  # \pm, \begin{pmatrix}, ...: not silently dropped
     return "".join(out)
@@ -368,20 +353,16 @@ class _Comparison:
 
 
 def _split_top(s: str, sep: str) -> list[str]:
-    parts, depth, start = [], 0, 0
-    for i, c in enumerate(s):
-        depth += (c in "([{") - (c in ")]}")
-        if c == sep and depth == 0:
-            parts.append(s[start:i])
-            start = i + 1
-    return [p.strip() for p in parts + [s[start:]]]
+    cuts = [i for i, (c, depth) in enumerate(zip(s, _nesting(s))) if c == sep and depth == 0]
+    return [s[i + 1:j].strip() for i, j in zip([-1] + cuts, cuts + [len(s)])]
 
 
 def _structure(s: str) -> tuple[str, list[str]] | None:
     """("union" | "set" | "list" | a bracket pair such as "[)", elements), or None for a single value."""
     if len(parts := _split_top(s, "∪")) > 1:
         return "union", parts
-    if len(s) >= 2 and s[0] in "([{" and s[-1] in ")]}" and _closes_last(s):
+    depth = _nesting(s)  # "(1, 2]" is one bracket, "(1)+(2)" is not: its first bracket closes before the end
+    if len(s) >= 2 and s[0] in "([{" and s[-1] in ")]}" and 0 not in depth[:-1] and depth[-1] == 0:
         items = _split_top(s[1:-1], ",")
         if s[0] == "{":
             return "set", items
@@ -389,16 +370,6 @@ def _structure(s: str) -> tuple[str, list[str]] | None:
             return s[0] + s[-1], items
     items = _split_top(s, ",")
     return ("list", items) if len(items) > 1 else None
-
-
-def _closes_last(s: str) -> bool:
-    """Whether the bracket opening s closes at its last character: "(1, 2]" yes, "(1)+(2)" no."""
-    depth = 0
-    for i, c in enumerate(s):
-        depth += (c in "([{") - (c in ")]}")
-        if depth == 0:
-            return i == len(s) - 1
-    return False
 
 
 def _equation_value(s: str) -> str:
@@ -471,7 +442,7 @@ def _letter(s: str, n: int | None) -> int | None:
 
 def _option(s: str, choices: list[str], ctx: _Comparison) -> int | None:
     canon, text = _canon(s), _text_norm(s)
-    mathy = len(s) <= MAX_MATH_CHARS and _max_depth(s) <= MAX_DEPTH and _balanced(s) and not _is_prose(s)
+    mathy = len(s) <= MAX_MATH_CHARS and not _too_deep(s) and _balanced(s) and not _is_prose(s)
     for k, c in enumerate(choices):
         c = re.sub(r"^\s*\(?[A-Za-z][.:)]\s+", "", c)  # "A. 5 cm" -> "5 cm"
         if canon == _canon(c) or text == _text_norm(c):
@@ -506,13 +477,12 @@ def _decide(pred: str, gold: str, choices: list[str] | None, deadline: float) ->
         g = _thousands(_to_math(gold))
     except _Fail:
         return False, 0.0, "gold_unparseable"
-    if len(pred) > MAX_MATH_CHARS or _max_depth(pred) > MAX_DEPTH:
+    if len(pred) > MAX_MATH_CHARS or _too_deep(pred):
         return False, 1.0, "too_large"
     try:
         if not _balanced(pred):
             raise _Fail("unparseable")
-        correct = _cmp(_thousands(_to_math(pred)), g, ctx)
-        return correct, 1.0, "symbolic" if ctx.used_sympy else "numeric"
+        return _cmp(_thousands(_to_math(pred)), g, ctx), 1.0, "symbolic" if ctx.used_sympy else "numeric"
     except _Fail as f:
         reason = f.args[0]
     if reason == "unparseable":  # prose or LaTeX we do not cover: a weak string comparison decides
@@ -549,17 +519,14 @@ def _number(s: str) -> tuple[Fraction, int | None] | None:
     return None
 
 
-def _rounded(x: Fraction, k: int) -> Fraction:
-    r = math.floor(abs(x) * 10 ** k + Fraction(1, 2)) / Fraction(10) ** k  # half away from zero
-    return r if x >= 0 else -r
-
-
 def _num_equal(p: Fraction, pd: int | None, g: Fraction, gd: int | None) -> bool:
-    if p == g:
-        return True
-    if gd and (pd is None or pd > gd) and _rounded(p, gd) == g:
-        return True  # gold given to gd decimals, prediction more precise
-    return bool(pd and pd >= 2 and gd is None and _rounded(g, pd) == p)  # prediction rounded, exact gold
+    def rounded(x: Fraction, k: int) -> Fraction:
+        r = math.floor(abs(x) * 10 ** k + Fraction(1, 2)) / Fraction(10) ** k  # half away from zero
+        return r if x >= 0 else -r
+
+    if p == g or (gd and (pd is None or pd > gd) and rounded(p, gd) == g):
+        return True  # equal, or the gold is given to gd decimals and the prediction is more precise
+    return bool(pd and pd >= 2 and gd is None and rounded(g, pd) == p)  # prediction rounded, exact gold
 
 
 def _split_unit(s: str) -> tuple[str, str]:
@@ -742,9 +709,19 @@ def _values_equal(a: sympy.Expr, b: sympy.Expr, ad: int | None = None, bd: int |
     return checked >= 3 or sympy.simplify(diff) == 0
 
 
-def _rel_equal(p: tuple, g: tuple) -> bool:
-    """x = 5 vs 5 = x, 2x = 10 vs x = 5, x > 3 vs 3 < x: compare right - left, up to a (positive) scale."""
-    (_, po, pl, pr), (_, go, gl, gr) = p, g
+def _sympy_compare(p: str, g: str, pd: int | None, gd: int | None) -> bool:
+    try:
+        gx = _Parser(g).parse()
+    except (_Fail, RecursionError, ValueError, TypeError) as e:
+        raise _Fail("gold_unparseable") from e
+    try:
+        px = _Parser(p).parse()
+    except (RecursionError, ValueError, TypeError) as e:
+        raise _Fail("unparseable") from e
+    if not (isinstance(px, tuple) and isinstance(gx, tuple)):
+        return not isinstance(px, tuple) and not isinstance(gx, tuple) and _values_equal(px, gx, pd, gd)
+    # relations: x = 5 vs 5 = x, 2x = 10 vs x = 5, x > 3 vs 3 < x: compare right - left, up to a (positive) scale
+    (_, po, pl, pr), (_, go, gl, gr) = px, gx
     flip = {">": "<", ">=": "<="}
     dp, po = (pl - pr, flip[po]) if po in flip else (pr - pl, po)
     dg, go = (gl - gr, flip[go]) if go in flip else (gr - gl, go)
@@ -759,25 +736,9 @@ def _rel_equal(p: tuple, g: tuple) -> bool:
     return bool(ratio.is_number and ratio != 0 and (symmetric or ratio.is_positive))
 
 
-def _sympy_compare(p: str, g: str, pd: int | None, gd: int | None) -> bool:
-    try:
-        gx = _Parser(g).parse()
-    except (_Fail, RecursionError, ValueError, TypeError) as e:
-        raise _Fail("gold_unparseable") from e
-    try:
-        px = _Parser(p).parse()
-    except (RecursionError, ValueError, TypeError) as e:
-        raise _Fail("unparseable") from e
-    if isinstance(px, tuple) or isinstance(gx, tuple):
-        return isinstance(px, tuple) and isinstance(gx, tuple) and _rel_equal(px, gx)
-    return _values_equal(px, gx, pd, gd)
-
-
 # -------------------------------------------------------------------------------------------------------------- workers
 class _Child:
-    """A forked process that answers each job sent over a pipe with `handle(job)`, until the pipe closes. Forked
-    with os.fork, which daemonic processes (multiprocessing.Pool workers) may call, where
-    multiprocessing.Process.start() refuses ("daemonic processes are not allowed to have children")."""
+    """A forked process that answers each job sent over a pipe with `handle(job)`, until the pipe closes."""
 
     def __init__(self, handle: Callable):
         self.conn, child_end = Pipe()
@@ -835,27 +796,26 @@ def _sympy_call(job: tuple, deadline: float) -> bool:
 
     if left() <= 0 or not _sympy_lock.acquire(timeout=left()):
         raise _Fail("timeout")
-    res = None
+    res, answered = ("fail", "timeout"), False
     try:
-        if _sympy is None or not _sympy.alive():
-            if _sympy is not None:
-                _sympy.kill()
-                _sympy = None
+        if _sympy is not None and not _sympy.alive():
+            _sympy.kill()
+            _sympy = None
+        if _sympy is None:
             _sympy = _Child(_sympy_job)  # an OSError here (cannot fork) propagates: no verdict on the text
         try:
             _sympy.conn.send(job)
-            res = _sympy.conn.recv() if _sympy.conn.poll(left()) else None
+            if _sympy.conn.poll(left()):
+                res, answered = _sympy.conn.recv(), True
         except (EOFError, OSError):
-            res = ("fail", "dead")  # it died on this job
+            res = ("fail", "error")  # it died on this job
     finally:
-        if _sympy is not None and res in (None, ("fail", "dead")):  # hung, died, or we were interrupted (Ctrl-C)
-            _sympy.kill()  # between send and recv: its pipe may hold this job's answer, never read it as the next's
+        if _sympy is not None and not answered:  # hung, died or interrupted (Ctrl-C): its pipe may hold this
+            _sympy.kill()  # job's answer, never to be read as the next job's
             _sympy = None
         _sympy_lock.release()
-    if res is None:
-        raise _Fail("timeout")
     if res[0] == "fail":
-        raise _Fail("error" if res[1] == "dead" else res[1])
+        raise _Fail(res[1])
     return res[1]
 
 
