@@ -85,9 +85,10 @@ def verify(response: str, gold: str, *, choices: list[str] | None = None, timeou
     try:
         pred = extract_answer(response)
         gold = _gold_text(gold)
-        if gold is None or pred is None or len(pred) > MAX_ANSWER_CHARS:
-            reason = "gold_unparseable" if gold is None else "no_answer" if pred is None else "too_large"
-            return Verdict(False, 0.0 if gold is None else 1.0, pred, reason)
+        if gold is None:
+            return Verdict(False, 0.0, pred, "gold_unparseable")
+        if pred is None or len(pred) > MAX_ANSWER_CHARS:
+            return Verdict(False, 1.0, pred, "no_answer" if pred is None else "too_large")
         if _canon(pred) == _canon(gold):
             return Verdict(True, 1.0, pred, "exact")
         choices = [str(c) for c in choices] if choices else None
@@ -277,8 +278,8 @@ def _too_deep(s: str) -> bool:
 def _group(s: str, i: int) -> tuple[str, int]:
     """The LaTeX argument at s[i:] after any spaces, and the index after it."""
     m = _ARG.match(s, i)
-    got = _braced(s, m.start(1)) if m and m[1] == "{" else m and (m[1], m.end())
-    if not got:
+    got = None if m is None else _braced(s, m.start(1)) if m[1] == "{" else (m[1], m.end())
+    if got is None:
         raise _Fail("unparseable")
     return got
 
