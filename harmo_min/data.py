@@ -34,6 +34,7 @@ of its files, on every rank), verl's parquet layout (a `prompt` column of chat t
 from __future__ import annotations
 
 import argparse
+import functools
 import glob
 import io
 import itertools
@@ -47,7 +48,7 @@ import sys
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Literal, Sequence
+from typing import Any, Callable, Iterable, Iterator, Literal, Sequence
 
 from PIL import Image
 
@@ -125,12 +126,31 @@ def load_examples(source: str | os.PathLike, *, fields: dict[str, str | None] | 
         raise ValueError(f"load_examples: need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
     kwargs = dict(image_root=image_root, check_images=check_images, max_image_pixels=max_image_pixels, rank=rank,
                   world_size=world_size)
-    if str(source).endswith(".jsonl"):
-        if fields:
-            raise DataError(f"data.fields: maps the columns of parquet/arrow tables; {source} is the project's JSONL, "
-                            f"whose records use the Example field names (see harmo_min/data.py)")
-        return load_jsonl(source, **kwargs)
-    return load_table(source, fields=fields, **kwargs)
+    if not str(source).endswith(".jsonl"):
+        return load_table(source, fields=fields, **kwargs)
+    if fields:
+        raise DataError(f"data.fields: maps the columns of parquet/arrow tables; {source} is the project's JSONL, "
+                        f"whose records use the Example field names (see harmo_min/data.py)")
+    return load_jsonl(source, **kwargs)
+
+
+def _load(source, records: Iterable[tuple[str, Any]], parse: Callable[[Any, str, ImageCheck, bool], Any],
+          id_field: str | None, check_images: bool, max_image_pixels: int | None, rank: int = 0,
+          world_size: int = 1) -> list:
+    """The loop of every loader: `parse(record, where, check, full)` for each (where, record) in order, with one
+    ImageCheck, `full` on this rank's share (index % world_size == rank); a repeated id, or none, is a DataError."""
+    check = ImageCheck(max_image_pixels, decode=check_images)
+    items, seen = [], {}
+    for index, (where, record) in enumerate(records):
+        item = parse(record, where, check, index % world_size == rank)
+        if item.id in seen:
+            raise DataError(f"{where}: field '{id_field}': duplicate id {item.id!r} (first at {seen[item.id]})")
+        seen[item.id] = where
+        items.append(item)
+    if not items:
+        raise DataError(f"{source}: no records")
+    check.report(rank)
+    return items
 
 
 # ------------------------------------------------------------------------------------------------- the project's JSONL
@@ -146,11 +166,8 @@ def load_jsonl(path: str | os.PathLike, *, check_images: bool = True, max_image_
     """Read and validate every record of a JSONL file; the first bad one raises `DataError("file:line: field ...")`."""
     path = Path(path)
     root = Path(image_root).expanduser() if image_root is not None else path.parent
-    check = ImageCheck(max_image_pixels, decode=check_images)
-    examples = _unique_ids(((where, parse_record(record, where, root, check, full=index % world_size == rank))
-                            for index, (where, record) in enumerate(read_jsonl(path))), "id", path)
-    check.report(rank)
-    return examples
+    return _load(path, read_jsonl(path), functools.partial(parse_record, root=root), "id", check_images,
+                 max_image_pixels, rank, world_size)
 
 
 def read_text(path: str | os.PathLike) -> str:
@@ -189,7 +206,7 @@ def read_jsonl(path: str | os.PathLike, text: str | None = None) -> Iterator[tup
         yield where, record
 
 
-def parse_record(record: dict, where: str, root: Path, check: ImageCheck, *, full: bool = True) -> Example:
+def parse_record(record: dict, where: str, check: ImageCheck, full: bool = True, *, root: Path) -> Example:
     """One JSONL record -> Example, every field checked; images opened by `check` (decoded fully when `full`)."""
     _check_types(record, where, _FIELD_TYPES, required=("id",), nullable=True)
     if ("problem" in record) == ("messages" in record):
@@ -267,19 +284,6 @@ def _check_types(record: dict, where: str, types: dict[str, tuple[type, ...]], *
             raise DataError(f"{where}: field '{key}': expected {names}, got {type(value).__name__}")
 
 
-def _unique_ids(items: Iterable[tuple[str, Example | PreferencePair]], id_field: str | None, source) -> list:
-    """The items of (where, item) in order; an id seen before, or no items at all, is a DataError."""
-    kept, seen = [], {}
-    for where, item in items:
-        if item.id in seen:
-            raise DataError(f"{where}: field '{id_field}': duplicate id {item.id!r} (first at {seen[item.id]})")
-        seen[item.id] = where
-        kept.append(item)
-    if not kept:
-        raise DataError(f"{source}: no records")
-    return kept
-
-
 # ------------------------------------------------------------------------ tables: parquet, arrow, save_to_disk folders
 
 # The hub's shard names: train-00000-of-00002.parquet (MathVista adds a hash: testmini-00000-of-00001-a1b2.parquet).
@@ -294,16 +298,35 @@ def load_table(source: str | os.PathLike, *, fields: dict[str, str | None] | Non
     files = table_files(source)
     mapping = resolve_fields(fields, table_columns(files[0]), str(files[0]))
     columns = sorted({column.split(".")[0] for column in mapping.values() if column is not None})
-    check = ImageCheck(max_image_pixels, decode=check_images)
+    root = Path(image_root).expanduser() if image_root is not None else None
 
-    def rows() -> Iterator[tuple[str, Example]]:
-        for index, (where, file, row) in enumerate(itertools.islice(read_table(files, columns), limit)):
-            root = Path(image_root).expanduser() if image_root is not None else file.parent
-            yield where, _table_example(row, where, root, mapping, index, check, full=index % world_size == rank)
+    def parse(item: tuple[int, Path, dict], where: str, check: ImageCheck, full: bool) -> Example:
+        index, file, row = item
+        ident = str(index)
+        if mapping["id"] is not None:
+            ident = _cell(row, mapping["id"], where)
+            if isinstance(ident, bool) or not isinstance(ident, (str, int)) or ident == "":
+                raise DataError(f"{where}: field '{mapping['id']}': expected a non-empty str or int id, "
+                                f"got {ident!r:.60}")
+        problem = _cell(row, mapping["problem"], where)
+        if not isinstance(problem, str):
+            raise DataError(f"{where}: field '{mapping['problem']}': expected str, got {type(problem).__name__}")
+        problem = problem.replace("<image>", "").strip()
+        if not problem:
+            raise DataError(f"{where}: field '{mapping['problem']}': empty once <image> placeholders are removed")
+        answer = None
+        if mapping["answer"] is not None:
+            answer = gold_answer(_cell(row, mapping["answer"], where), f"{where}: field '{mapping['answer']}'")
+        cell = None if mapping["images"] is None else _cell(row, mapping["images"], where)
+        images = []
+        for k, value in enumerate(cell if isinstance(cell, list) else [] if cell is None else [cell]):
+            at = f"{where}: field '{mapping['images']}" + (f"[{k}]'" if isinstance(cell, list) else "'")
+            images.append(check(image_value(value, at, root or file.parent), at, full=full))
+        return Example(id=str(ident), problem=problem, images=images, answer=answer)
 
-    examples = _unique_ids(rows(), mapping["id"], source)
-    check.report(rank)
-    return examples
+    rows = enumerate(itertools.islice(read_table(files, columns), limit))
+    return _load(source, ((where, (index, file, row)) for index, (where, file, row) in rows), parse, mapping["id"],
+                 check_images, max_image_pixels, rank, world_size)
 
 
 def table_files(source: str | os.PathLike) -> list[Path]:
@@ -475,31 +498,6 @@ def _cell(row: dict, column: str, where: str) -> Any:
     return value
 
 
-def _table_example(row: dict, where: str, root: Path, mapping: dict[str, str | None], index: int,
-                   check: ImageCheck, *, full: bool) -> Example:
-    ident = str(index)
-    if mapping["id"] is not None:
-        ident = _cell(row, mapping["id"], where)
-        if isinstance(ident, bool) or not isinstance(ident, (str, int)) or ident == "":
-            raise DataError(f"{where}: field '{mapping['id']}': expected a non-empty str or int id, got {ident!r:.60}")
-    problem = _cell(row, mapping["problem"], where)
-    if not isinstance(problem, str):
-        raise DataError(f"{where}: field '{mapping['problem']}': expected str, got {type(problem).__name__}")
-    problem = problem.replace("<image>", "").strip()
-    if not problem:
-        raise DataError(f"{where}: field '{mapping['problem']}': empty once <image> placeholders are removed")
-    answer = None
-    if mapping["answer"] is not None:
-        answer = gold_answer(_cell(row, mapping["answer"], where), f"{where}: field '{mapping['answer']}'")
-    images = []
-    if mapping["images"] is not None:
-        cell = _cell(row, mapping["images"], where)
-        for k, item in enumerate([] if cell is None else cell if isinstance(cell, list) else [cell]):
-            at = f"{where}: field '{mapping['images']}" + (f"[{k}]'" if isinstance(cell, list) else "'")
-            images.append(check(image_value(item, at, root), at, full=full))
-    return Example(id=str(ident), problem=problem, images=images, answer=answer)
-
-
 # -------------------------------------------------------------- images: references, checks at load, decoding per batch
 
 def image_value(value: Any, where: str, root: Path) -> str | EncodedImage:
@@ -636,39 +634,34 @@ def load_preference_jsonl(path: str | os.PathLike, *, aspects: Sequence[str] | N
     """Read and validate preference pairs (JSONL records of `_PAIR_FIELDS`; the prompt is checked as training's
     prompts are); raise `DataError("file:line: field 'x': ...")` on the first bad record."""
     path = Path(path)
-    check = ImageCheck(max_image_pixels, decode=check_images)
-    pairs = _unique_ids(((where, _parse_pair(record, where, path.parent, aspects, check))
-                         for where, record in read_jsonl(path)), "id", path)
-    check.report()
-    return pairs
 
+    def parse(record: dict, where: str, check: ImageCheck, full: bool) -> PreferencePair:
+        _check_types(record, where, _PAIR_FIELDS, required=("id", "chosen", "rejected"), nullable=False)
+        if ("prompt" in record) == ("messages" in record):
+            raise DataError(f"{where}: field 'prompt': give exactly one of 'prompt' or 'messages'")
+        for key in ("chosen", "rejected"):
+            if any(t in record[key] for t in ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>")):
+                raise DataError(f"{where}: field '{key}': contains a vision placeholder token; images go in 'images'")
+        if record["chosen"] == record["rejected"]:
+            raise DataError(f"{where}: field 'rejected': identical to 'chosen', the pair carries no preference")
+        if "aspect" in record and aspects is not None and record["aspect"] not in aspects:
+            raise DataError(f"{where}: field 'aspect': {record['aspect']!r} is not one of the model's aspects "
+                            f"{list(aspects)}")
+        ratings = {}
+        for key in ("chosen_ratings", "rejected_ratings"):
+            for name, value in record.get(key, {}).items():
+                if aspects is not None and name not in aspects:
+                    raise DataError(f"{where}: field '{key}.{name}': not one of the model's aspects {list(aspects)}")
+                if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+                    raise DataError(f"{where}: field '{key}.{name}': expected a finite number, got {value!r}")
+            ratings[key] = {name: float(value) for name, value in record.get(key, {}).items()}
+        prompt = {"id": record["id"], "images": record.get("images", [])}
+        prompt.update({"problem": record["prompt"]} if "prompt" in record else {"messages": record["messages"]})
+        example = parse_record(prompt, where, check, full, root=path.parent)  # checked as training's prompts are
+        return PreferencePair(id=example.id, example=example, chosen=record["chosen"], rejected=record["rejected"],
+                              aspect=record.get("aspect"), **ratings)
 
-def _parse_pair(record: dict, where: str, root: Path, aspects: Sequence[str] | None,
-                check: ImageCheck) -> PreferencePair:
-    _check_types(record, where, _PAIR_FIELDS, required=("id", "chosen", "rejected"), nullable=False)
-    if ("prompt" in record) == ("messages" in record):
-        raise DataError(f"{where}: field 'prompt': give exactly one of 'prompt' or 'messages'")
-    for key in ("chosen", "rejected"):
-        if any(t in record[key] for t in ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>")):
-            raise DataError(f"{where}: field '{key}': contains a vision placeholder token; images go in 'images'")
-    if record["chosen"] == record["rejected"]:
-        raise DataError(f"{where}: field 'rejected': identical to 'chosen', the pair carries no preference")
-    if "aspect" in record and aspects is not None and record["aspect"] not in aspects:
-        raise DataError(f"{where}: field 'aspect': {record['aspect']!r} is not one of the model's aspects "
-                        f"{list(aspects)}")
-    ratings = {}
-    for key in ("chosen_ratings", "rejected_ratings"):
-        for name, value in record.get(key, {}).items():
-            if aspects is not None and name not in aspects:
-                raise DataError(f"{where}: field '{key}.{name}': not one of the model's aspects {list(aspects)}")
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
-                raise DataError(f"{where}: field '{key}.{name}': expected a finite number, got {value!r}")
-        ratings[key] = {name: float(value) for name, value in record.get(key, {}).items()}
-    prompt = {"id": record["id"], "images": record.get("images", [])}
-    prompt.update({"problem": record["prompt"]} if "prompt" in record else {"messages": record["messages"]})
-    example = parse_record(prompt, where, root, check)  # checks the messages too, as training's prompts
-    return PreferencePair(id=example.id, example=example, chosen=record["chosen"], rejected=record["rejected"],
-                          aspect=record.get("aspect"), **ratings)
+    return _load(path, read_jsonl(path), parse, "id", check_images, max_image_pixels)
 
 
 # ------------------------------------------------------------------------------------------------------------- prompts
