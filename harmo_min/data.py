@@ -77,6 +77,8 @@ DEFAULT_FIELDS: dict[str, tuple[str, ...]] = {
     "answer": ("answer", "solution"), "images": ("images", "decoded_image", "image"),
 }
 TABLE_SUFFIXES = (".parquet", ".arrow")
+# The hub's shard names: train-00000-of-00002.parquet (MathVista adds a hash: testmini-00000-of-00001-a1b2.parquet).
+SHARD_NAME = re.compile(r"^(?P<split>.+?)-(?P<index>\d{5})-of-(?P<count>\d{5})(?:-[0-9a-f]+)?\.(?:parquet|arrow)$")
 
 
 class DataError(ValueError):
@@ -173,11 +175,10 @@ def load_jsonl(path: str | os.PathLike, *, check_images: bool = True, max_image_
 def read_text(path: str | os.PathLike) -> str:
     """A UTF-8 text file (a leading BOM dropped); bytes that are not UTF-8 are a DataError naming file:line."""
     path = Path(path)
-    raw = path.read_bytes()
-    body = raw[3:] if raw.startswith(b"\xef\xbb\xbf") else raw  # the BOM Windows editors write
     try:
-        return body.decode("utf-8")
+        return path.read_bytes().decode("utf-8-sig")  # drops the BOM Windows editors write
     except UnicodeDecodeError as err:
+        body = err.object  # the bytes after the BOM
         line = body.count(b"\n", 0, err.start) + 1
         column = err.start - (body.rfind(b"\n", 0, err.start) + 1) + 1
         raise DataError(f"{path}:{line}: not valid UTF-8 (byte {body[err.start]:#04x} at column {column}); "
@@ -286,10 +287,6 @@ def _check_types(record: dict, where: str, types: dict[str, tuple[type, ...]], *
 
 # ------------------------------------------------------------------------ tables: parquet, arrow, save_to_disk folders
 
-# The hub's shard names: train-00000-of-00002.parquet (MathVista adds a hash: testmini-00000-of-00001-a1b2.parquet).
-SHARD_NAME = re.compile(r"^(?P<split>.+?)-(?P<index>\d{5})-of-(?P<count>\d{5})(?:-[0-9a-f]+)?\.(?:parquet|arrow)$")
-
-
 def load_table(source: str | os.PathLike, *, fields: dict[str, str | None] | None = None,
                image_root: str | os.PathLike | None = None, check_images: bool = True,
                max_image_pixels: int | None = MAX_IMAGE_PIXELS, rank: int = 0, world_size: int = 1,
@@ -359,15 +356,10 @@ def table_files(source: str | os.PathLike) -> list[Path]:
         files = sorted(p for p in path.rglob("*") if p.suffix in TABLE_SUFFIXES and p.is_file())
         if not files:
             raise DataError(f"{path}: no .parquet or .arrow files in this folder")
-    _check_shards(files, str(source))
-    return files
-
-
-def _check_shards(files: list[Path], source: str) -> None:
-    """Files named like hub shards must be one split, complete; other names are taken as they are."""
+    # Files named like hub shards must be one split, complete; other names are taken as they are.
     matches = [SHARD_NAME.match(f.name) for f in files]
     if not all(matches):
-        return
+        return files
     splits = sorted({(f.parent, m["split"]) for f, m in zip(files, matches)})
     if len(splits) > 1:
         (parent, split), names = splits[0], sorted({split for _, split in splits})
@@ -378,6 +370,7 @@ def _check_shards(files: list[Path], source: str) -> None:
     if missing or any(int(m["count"]) != count for m in matches):
         raise DataError(f"{source}: split '{splits[0][1]}' is incomplete: shard(s) {missing} of {count} are missing "
                         f"(an interrupted download?)")
+    return files
 
 
 def table_columns(path: Path) -> list[str]:
@@ -511,7 +504,7 @@ def image_value(value: Any, where: str, root: Path) -> str | EncodedImage:
     if isinstance(value, (bytes, bytearray)) and value:
         return EncodedImage(bytes(value), where)
     if isinstance(value, str) and value:
-        return str(Path(value) if os.path.isabs(value) else root / value)
+        return str(root / value)  # an absolute path stays as it is
     raise DataError(f"{where}: expected an image (a path, encoded bytes or a {{bytes, path}} struct), "
                     f"got {value!r:.60}")
 
