@@ -66,9 +66,8 @@ FORMAT_INSTRUCTIONS = {
 }
 assert tuple(FORMAT_INSTRUCTIONS) == ANSWER_FORMATS  # one list of answer formats: the reward's format check reads it
 
-# Larger images are downscaled once at load. 2048 x 2048 is the cap EasyR1 and verl apply before Qwen2.5-VL's
-# processor. Uncapped, a 10000 x 10000 image made every step that drew it ~20x slower and 1.8 GB larger (issue
-# #11; benchmarks/bench_data.py measures it).
+# Larger images are downscaled once at load, to the cap EasyR1 and verl apply before Qwen2.5-VL's processor
+# (benchmarks/bench_data.py measures what an uncapped one costs every step that draws it).
 MAX_IMAGE_PIXELS = 2048 * 2048
 
 # Table columns each field is read from by default, first present wins.
@@ -136,9 +135,8 @@ def load_examples(source: str | os.PathLike, *, fields: dict[str, str | None] | 
     return load_jsonl(source, **kwargs)
 
 
-def _load(source, records: Iterable[tuple[str, Any]], parse: Callable[[Any, str, ImageCheck, bool], Any],
-          id_field: str | None, check_images: bool, max_image_pixels: int | None, rank: int = 0,
-          world_size: int = 1) -> list:
+def _load(source, records: Iterable[tuple[str, Any]], parse: Callable, id_field: str | None, check_images: bool,
+          max_image_pixels: int | None, rank: int = 0, world_size: int = 1) -> list:
     """The loop of every loader: `parse(record, where, check, full)` for each (where, record) in order, with one
     ImageCheck, `full` on this rank's share (index % world_size == rank); a repeated id, or none, is a DataError."""
     check = ImageCheck(max_image_pixels, decode=check_images)
@@ -235,11 +233,9 @@ def parse_record(record: dict, where: str, check: ImageCheck, full: bool = True,
         raise DataError(f"{where}: field 'images': {len(images)} image(s) but {n_placeholders} image part(s) in "
                         f"messages")
     answer = record.get("answer")
-    return Example(
-        id=str(record["id"]), problem=record.get("problem"), messages=record.get("messages"), images=images,
-        answer=None if answer is None else str(answer), choices=record.get("choices"), task=record.get("task"),
-        constraints=record.get("constraints") or [], reference=record.get("reference"),
-    )
+    return Example(id=str(record["id"]), images=images, answer=None if answer is None else str(answer),
+                   constraints=record.get("constraints") or [],
+                   **{key: record.get(key) for key in ("problem", "messages", "choices", "task", "reference")})
 
 
 def check_messages(messages: list, where: str) -> int:
@@ -511,10 +507,8 @@ def image_value(value: Any, where: str, root: Path) -> str | EncodedImage:
 
 @dataclass
 class ImageCheck:
-    """Opens each image as a loader reads it (a missing file, a non-image or a bomb fails here) and, with `full`,
-    decodes it to RGB as `load_images` will: the only way to catch a truncated JPEG or a broken PNG stream. One
-    over `max_pixels` becomes a downscaled `EncodedImage`, paid once, not at every step; `report` logs them.
-    `decode=False` trusts the files: nothing is opened and nothing is capped."""
+    """Opens each image as a loader reads it and, with `full`, decodes it as `load_images` will (the rules in the
+    module docstring); `report` logs the downscaled ones. `decode=False` trusts the files: nothing opened or capped."""
     max_pixels: int | None = MAX_IMAGE_PIXELS
     decode: bool = True
     downscaled: list[str] = field(default_factory=list)
@@ -536,7 +530,7 @@ class ImageCheck:
                     if self.max_pixels is not None and im.width * im.height > self.max_pixels:
                         return self._downscale(im, where)
                     if full:
-                        im.convert("RGB")
+                        im.convert("RGB")  # the only way to catch a truncated JPEG or a broken PNG stream
         except FileNotFoundError:
             raise DataError(f"{where}: no such file {image}") from None
         except Image.DecompressionBombError as err:
@@ -556,10 +550,7 @@ class ImageCheck:
         rgb = im if im.mode == "RGB" else im.convert("RGB")  # no copy of a 300 MB bitmap when it is RGB already
         small = rgb.resize(target, Image.Resampling.BICUBIC, reducing_gap=3.0)
         buffer = io.BytesIO()
-        if fmt == "JPEG":
-            small.save(buffer, "JPEG", quality=95)
-        else:
-            small.save(buffer, "PNG", compress_level=1)
+        small.save(buffer, "JPEG" if fmt == "JPEG" else "PNG", quality=95, compress_level=1)  # each reads its own
         self.downscaled.append(f"{where} {width}x{height} -> {target[0]}x{target[1]}")
         return EncodedImage(buffer.getvalue(), where)
 
@@ -572,8 +563,7 @@ class ImageCheck:
 
 
 def load_images(example: Example) -> list[Image.Image]:
-    """The example's images as RGB PIL images, decoded here, per batch, never kept; an image that no longer
-    decodes is a DataError naming where it came from."""
+    """The example's images as RGB PIL images, decoded per batch, never kept; one that fails is a DataError."""
     images = []
     for image in example.images:
         if not isinstance(image, Image.Image):
