@@ -34,6 +34,7 @@ of its files, on every rank), verl's parquet layout (a `prompt` column of chat t
 from __future__ import annotations
 
 import argparse
+import functools
 import glob
 import io
 import itertools
@@ -47,7 +48,7 @@ import sys
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Literal, Sequence
+from typing import Any, Callable, Iterable, Iterator, Literal, Sequence
 
 from PIL import Image
 
@@ -65,9 +66,8 @@ FORMAT_INSTRUCTIONS = {
 }
 assert tuple(FORMAT_INSTRUCTIONS) == ANSWER_FORMATS  # one list of answer formats: the reward's format check reads it
 
-# Larger images are downscaled once at load. 2048 x 2048 is the cap EasyR1 and verl apply before Qwen2.5-VL's
-# processor. Uncapped, a 10000 x 10000 image made every step that drew it ~20x slower and 1.8 GB larger (issue
-# #11; benchmarks/bench_data.py measures it).
+# Larger images are downscaled once at load, to the cap EasyR1 and verl apply before Qwen2.5-VL's processor
+# (benchmarks/bench_data.py measures what an uncapped one costs every step that draws it).
 MAX_IMAGE_PIXELS = 2048 * 2048
 
 # Table columns each field is read from by default, first present wins.
@@ -76,6 +76,8 @@ DEFAULT_FIELDS: dict[str, tuple[str, ...]] = {
     "answer": ("answer", "solution"), "images": ("images", "decoded_image", "image"),
 }
 TABLE_SUFFIXES = (".parquet", ".arrow")
+# The hub's shard names: train-00000-of-00002.parquet (MathVista adds a hash: testmini-00000-of-00001-a1b2.parquet).
+SHARD_NAME = re.compile(r"^(?P<split>.+?)-(?P<index>\d{5})-of-(?P<count>\d{5})(?:-[0-9a-f]+)?\.(?:parquet|arrow)$")
 
 
 class DataError(ValueError):
@@ -125,12 +127,30 @@ def load_examples(source: str | os.PathLike, *, fields: dict[str, str | None] | 
         raise ValueError(f"load_examples: need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
     kwargs = dict(image_root=image_root, check_images=check_images, max_image_pixels=max_image_pixels, rank=rank,
                   world_size=world_size)
-    if str(source).endswith(".jsonl"):
-        if fields:
-            raise DataError(f"data.fields: maps the columns of parquet/arrow tables; {source} is the project's JSONL, "
-                            f"whose records use the Example field names (see harmo_min/data.py)")
-        return load_jsonl(source, **kwargs)
-    return load_table(source, fields=fields, **kwargs)
+    if not str(source).endswith(".jsonl"):
+        return load_table(source, fields=fields, **kwargs)
+    if fields:
+        raise DataError(f"data.fields: maps the columns of parquet/arrow tables; {source} is the project's JSONL, "
+                        f"whose records use the Example field names (see harmo_min/data.py)")
+    return load_jsonl(source, **kwargs)
+
+
+def _load(source, records: Iterable[tuple[str, Any]], parse: Callable, id_field: str | None, check_images: bool,
+          max_image_pixels: int | None, rank: int = 0, world_size: int = 1) -> list:
+    """The loop of every loader: `parse(record, where, check, full)` for each (where, record) in order, with one
+    ImageCheck, `full` on this rank's share (index % world_size == rank); a repeated id, or none, is a DataError."""
+    check = ImageCheck(max_image_pixels, decode=check_images)
+    items, seen = [], {}
+    for index, (where, record) in enumerate(records):
+        item = parse(record, where, check, index % world_size == rank)
+        if item.id in seen:
+            raise DataError(f"{where}: field '{id_field}': duplicate id {item.id!r} (first at {seen[item.id]})")
+        seen[item.id] = where
+        items.append(item)
+    if not items:
+        raise DataError(f"{source}: no records")
+    check.report(rank)
+    return items
 
 
 # ------------------------------------------------------------------------------------------------- the project's JSONL
@@ -146,21 +166,17 @@ def load_jsonl(path: str | os.PathLike, *, check_images: bool = True, max_image_
     """Read and validate every record of a JSONL file; the first bad one raises `DataError("file:line: field ...")`."""
     path = Path(path)
     root = Path(image_root).expanduser() if image_root is not None else path.parent
-    check = ImageCheck(max_image_pixels, decode=check_images)
-    examples = _unique_ids(((where, parse_record(record, where, root, check, full=index % world_size == rank))
-                            for index, (where, record) in enumerate(read_jsonl(path))), "id", path)
-    check.report(rank)
-    return examples
+    return _load(path, read_jsonl(path), functools.partial(parse_record, root=root), "id", check_images,
+                 max_image_pixels, rank, world_size)
 
 
 def read_text(path: str | os.PathLike) -> str:
     """A UTF-8 text file (a leading BOM dropped); bytes that are not UTF-8 are a DataError naming file:line."""
     path = Path(path)
-    raw = path.read_bytes()
-    body = raw[3:] if raw.startswith(b"\xef\xbb\xbf") else raw  # the BOM Windows editors write
     try:
-        return body.decode("utf-8")
+        return path.read_bytes().decode("utf-8-sig")  # drops the BOM Windows editors write
     except UnicodeDecodeError as err:
+        body = err.object  # the bytes after the BOM
         line = body.count(b"\n", 0, err.start) + 1
         column = err.start - (body.rfind(b"\n", 0, err.start) + 1) + 1
         raise DataError(f"{path}:{line}: not valid UTF-8 (byte {body[err.start]:#04x} at column {column}); "
@@ -189,7 +205,7 @@ def read_jsonl(path: str | os.PathLike, text: str | None = None) -> Iterator[tup
         yield where, record
 
 
-def parse_record(record: dict, where: str, root: Path, check: ImageCheck, *, full: bool = True) -> Example:
+def parse_record(record: dict, where: str, check: ImageCheck, full: bool = True, *, root: Path) -> Example:
     """One JSONL record -> Example, every field checked; images opened by `check` (decoded fully when `full`)."""
     _check_types(record, where, _FIELD_TYPES, required=("id",), nullable=True)
     if ("problem" in record) == ("messages" in record):
@@ -217,11 +233,9 @@ def parse_record(record: dict, where: str, root: Path, check: ImageCheck, *, ful
         raise DataError(f"{where}: field 'images': {len(images)} image(s) but {n_placeholders} image part(s) in "
                         f"messages")
     answer = record.get("answer")
-    return Example(
-        id=str(record["id"]), problem=record.get("problem"), messages=record.get("messages"), images=images,
-        answer=None if answer is None else str(answer), choices=record.get("choices"), task=record.get("task"),
-        constraints=record.get("constraints") or [], reference=record.get("reference"),
-    )
+    return Example(id=str(record["id"]), images=images, answer=None if answer is None else str(answer),
+                   constraints=record.get("constraints") or [],
+                   **{key: record.get(key) for key in ("problem", "messages", "choices", "task", "reference")})
 
 
 def check_messages(messages: list, where: str) -> int:
@@ -267,24 +281,7 @@ def _check_types(record: dict, where: str, types: dict[str, tuple[type, ...]], *
             raise DataError(f"{where}: field '{key}': expected {names}, got {type(value).__name__}")
 
 
-def _unique_ids(items: Iterable[tuple[str, Example | PreferencePair]], id_field: str | None, source) -> list:
-    """The items of (where, item) in order; an id seen before, or no items at all, is a DataError."""
-    kept, seen = [], {}
-    for where, item in items:
-        if item.id in seen:
-            raise DataError(f"{where}: field '{id_field}': duplicate id {item.id!r} (first at {seen[item.id]})")
-        seen[item.id] = where
-        kept.append(item)
-    if not kept:
-        raise DataError(f"{source}: no records")
-    return kept
-
-
 # ------------------------------------------------------------------------ tables: parquet, arrow, save_to_disk folders
-
-# The hub's shard names: train-00000-of-00002.parquet (MathVista adds a hash: testmini-00000-of-00001-a1b2.parquet).
-SHARD_NAME = re.compile(r"^(?P<split>.+?)-(?P<index>\d{5})-of-(?P<count>\d{5})(?:-[0-9a-f]+)?\.(?:parquet|arrow)$")
-
 
 def load_table(source: str | os.PathLike, *, fields: dict[str, str | None] | None = None,
                image_root: str | os.PathLike | None = None, check_images: bool = True,
@@ -294,16 +291,35 @@ def load_table(source: str | os.PathLike, *, fields: dict[str, str | None] | Non
     files = table_files(source)
     mapping = resolve_fields(fields, table_columns(files[0]), str(files[0]))
     columns = sorted({column.split(".")[0] for column in mapping.values() if column is not None})
-    check = ImageCheck(max_image_pixels, decode=check_images)
+    root = Path(image_root).expanduser() if image_root is not None else None
 
-    def rows() -> Iterator[tuple[str, Example]]:
-        for index, (where, file, row) in enumerate(itertools.islice(read_table(files, columns), limit)):
-            root = Path(image_root).expanduser() if image_root is not None else file.parent
-            yield where, _table_example(row, where, root, mapping, index, check, full=index % world_size == rank)
+    def parse(item: tuple[int, Path, dict], where: str, check: ImageCheck, full: bool) -> Example:
+        index, file, row = item
+        ident = str(index)
+        if mapping["id"] is not None:
+            ident = _cell(row, mapping["id"], where)
+            if isinstance(ident, bool) or not isinstance(ident, (str, int)) or ident == "":
+                raise DataError(f"{where}: field '{mapping['id']}': expected a non-empty str or int id, "
+                                f"got {ident!r:.60}")
+        problem = _cell(row, mapping["problem"], where)
+        if not isinstance(problem, str):
+            raise DataError(f"{where}: field '{mapping['problem']}': expected str, got {type(problem).__name__}")
+        problem = problem.replace("<image>", "").strip()
+        if not problem:
+            raise DataError(f"{where}: field '{mapping['problem']}': empty once <image> placeholders are removed")
+        answer = None
+        if mapping["answer"] is not None:
+            answer = gold_answer(_cell(row, mapping["answer"], where), f"{where}: field '{mapping['answer']}'")
+        cell = None if mapping["images"] is None else _cell(row, mapping["images"], where)
+        images = []
+        for k, value in enumerate(cell if isinstance(cell, list) else [] if cell is None else [cell]):
+            at = f"{where}: field '{mapping['images']}" + (f"[{k}]'" if isinstance(cell, list) else "'")
+            images.append(check(image_value(value, at, root or file.parent), at, full=full))
+        return Example(id=str(ident), problem=problem, images=images, answer=answer)
 
-    examples = _unique_ids(rows(), mapping["id"], source)
-    check.report(rank)
-    return examples
+    rows = enumerate(itertools.islice(read_table(files, columns), limit))
+    return _load(source, ((where, (index, file, row)) for index, (where, file, row) in rows), parse, mapping["id"],
+                 check_images, max_image_pixels, rank, world_size)
 
 
 def table_files(source: str | os.PathLike) -> list[Path]:
@@ -336,15 +352,10 @@ def table_files(source: str | os.PathLike) -> list[Path]:
         files = sorted(p for p in path.rglob("*") if p.suffix in TABLE_SUFFIXES and p.is_file())
         if not files:
             raise DataError(f"{path}: no .parquet or .arrow files in this folder")
-    _check_shards(files, str(source))
-    return files
-
-
-def _check_shards(files: list[Path], source: str) -> None:
-    """Files named like hub shards must be one split, complete; other names are taken as they are."""
+    # Files named like hub shards must be one split, complete; other names are taken as they are.
     matches = [SHARD_NAME.match(f.name) for f in files]
     if not all(matches):
-        return
+        return files
     splits = sorted({(f.parent, m["split"]) for f, m in zip(files, matches)})
     if len(splits) > 1:
         (parent, split), names = splits[0], sorted({split for _, split in splits})
@@ -355,6 +366,7 @@ def _check_shards(files: list[Path], source: str) -> None:
     if missing or any(int(m["count"]) != count for m in matches):
         raise DataError(f"{source}: split '{splits[0][1]}' is incomplete: shard(s) {missing} of {count} are missing "
                         f"(an interrupted download?)")
+    return files
 
 
 def table_columns(path: Path) -> list[str]:
@@ -475,31 +487,6 @@ def _cell(row: dict, column: str, where: str) -> Any:
     return value
 
 
-def _table_example(row: dict, where: str, root: Path, mapping: dict[str, str | None], index: int,
-                   check: ImageCheck, *, full: bool) -> Example:
-    ident = str(index)
-    if mapping["id"] is not None:
-        ident = _cell(row, mapping["id"], where)
-        if isinstance(ident, bool) or not isinstance(ident, (str, int)) or ident == "":
-            raise DataError(f"{where}: field '{mapping['id']}': expected a non-empty str or int id, got {ident!r:.60}")
-    problem = _cell(row, mapping["problem"], where)
-    if not isinstance(problem, str):
-        raise DataError(f"{where}: field '{mapping['problem']}': expected str, got {type(problem).__name__}")
-    problem = problem.replace("<image>", "").strip()
-    if not problem:
-        raise DataError(f"{where}: field '{mapping['problem']}': empty once <image> placeholders are removed")
-    answer = None
-    if mapping["answer"] is not None:
-        answer = gold_answer(_cell(row, mapping["answer"], where), f"{where}: field '{mapping['answer']}'")
-    images = []
-    if mapping["images"] is not None:
-        cell = _cell(row, mapping["images"], where)
-        for k, item in enumerate([] if cell is None else cell if isinstance(cell, list) else [cell]):
-            at = f"{where}: field '{mapping['images']}" + (f"[{k}]'" if isinstance(cell, list) else "'")
-            images.append(check(image_value(item, at, root), at, full=full))
-    return Example(id=str(ident), problem=problem, images=images, answer=answer)
-
-
 # -------------------------------------------------------------- images: references, checks at load, decoding per batch
 
 def image_value(value: Any, where: str, root: Path) -> str | EncodedImage:
@@ -513,17 +500,15 @@ def image_value(value: Any, where: str, root: Path) -> str | EncodedImage:
     if isinstance(value, (bytes, bytearray)) and value:
         return EncodedImage(bytes(value), where)
     if isinstance(value, str) and value:
-        return str(Path(value) if os.path.isabs(value) else root / value)
+        return str(root / value)  # an absolute path stays as it is
     raise DataError(f"{where}: expected an image (a path, encoded bytes or a {{bytes, path}} struct), "
                     f"got {value!r:.60}")
 
 
 @dataclass
 class ImageCheck:
-    """Opens each image as a loader reads it (a missing file, a non-image or a bomb fails here) and, with `full`,
-    decodes it to RGB as `load_images` will: the only way to catch a truncated JPEG or a broken PNG stream. One
-    over `max_pixels` becomes a downscaled `EncodedImage`, paid once, not at every step; `report` logs them.
-    `decode=False` trusts the files: nothing is opened and nothing is capped."""
+    """Opens each image as a loader reads it and, with `full`, decodes it as `load_images` will (the rules in the
+    module docstring); `report` logs the downscaled ones. `decode=False` trusts the files: nothing opened or capped."""
     max_pixels: int | None = MAX_IMAGE_PIXELS
     decode: bool = True
     downscaled: list[str] = field(default_factory=list)
@@ -545,7 +530,7 @@ class ImageCheck:
                     if self.max_pixels is not None and im.width * im.height > self.max_pixels:
                         return self._downscale(im, where)
                     if full:
-                        im.convert("RGB")
+                        im.convert("RGB")  # the only way to catch a truncated JPEG or a broken PNG stream
         except FileNotFoundError:
             raise DataError(f"{where}: no such file {image}") from None
         except Image.DecompressionBombError as err:
@@ -565,10 +550,7 @@ class ImageCheck:
         rgb = im if im.mode == "RGB" else im.convert("RGB")  # no copy of a 300 MB bitmap when it is RGB already
         small = rgb.resize(target, Image.Resampling.BICUBIC, reducing_gap=3.0)
         buffer = io.BytesIO()
-        if fmt == "JPEG":
-            small.save(buffer, "JPEG", quality=95)
-        else:
-            small.save(buffer, "PNG", compress_level=1)
+        small.save(buffer, "JPEG" if fmt == "JPEG" else "PNG", quality=95, compress_level=1)  # each reads its own
         self.downscaled.append(f"{where} {width}x{height} -> {target[0]}x{target[1]}")
         return EncodedImage(buffer.getvalue(), where)
 
@@ -581,8 +563,7 @@ class ImageCheck:
 
 
 def load_images(example: Example) -> list[Image.Image]:
-    """The example's images as RGB PIL images, decoded here, per batch, never kept; an image that no longer
-    decodes is a DataError naming where it came from."""
+    """The example's images as RGB PIL images, decoded per batch, never kept; one that fails is a DataError."""
     images = []
     for image in example.images:
         if not isinstance(image, Image.Image):
@@ -636,39 +617,34 @@ def load_preference_jsonl(path: str | os.PathLike, *, aspects: Sequence[str] | N
     """Read and validate preference pairs (JSONL records of `_PAIR_FIELDS`; the prompt is checked as training's
     prompts are); raise `DataError("file:line: field 'x': ...")` on the first bad record."""
     path = Path(path)
-    check = ImageCheck(max_image_pixels, decode=check_images)
-    pairs = _unique_ids(((where, _parse_pair(record, where, path.parent, aspects, check))
-                         for where, record in read_jsonl(path)), "id", path)
-    check.report()
-    return pairs
 
+    def parse(record: dict, where: str, check: ImageCheck, full: bool) -> PreferencePair:
+        _check_types(record, where, _PAIR_FIELDS, required=("id", "chosen", "rejected"), nullable=False)
+        if ("prompt" in record) == ("messages" in record):
+            raise DataError(f"{where}: field 'prompt': give exactly one of 'prompt' or 'messages'")
+        for key in ("chosen", "rejected"):
+            if any(t in record[key] for t in ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>")):
+                raise DataError(f"{where}: field '{key}': contains a vision placeholder token; images go in 'images'")
+        if record["chosen"] == record["rejected"]:
+            raise DataError(f"{where}: field 'rejected': identical to 'chosen', the pair carries no preference")
+        if "aspect" in record and aspects is not None and record["aspect"] not in aspects:
+            raise DataError(f"{where}: field 'aspect': {record['aspect']!r} is not one of the model's aspects "
+                            f"{list(aspects)}")
+        ratings = {}
+        for key in ("chosen_ratings", "rejected_ratings"):
+            for name, value in record.get(key, {}).items():
+                if aspects is not None and name not in aspects:
+                    raise DataError(f"{where}: field '{key}.{name}': not one of the model's aspects {list(aspects)}")
+                if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+                    raise DataError(f"{where}: field '{key}.{name}': expected a finite number, got {value!r}")
+            ratings[key] = {name: float(value) for name, value in record.get(key, {}).items()}
+        prompt = {"id": record["id"], "images": record.get("images", [])}
+        prompt.update({"problem": record["prompt"]} if "prompt" in record else {"messages": record["messages"]})
+        example = parse_record(prompt, where, check, full, root=path.parent)  # checked as training's prompts are
+        return PreferencePair(id=example.id, example=example, chosen=record["chosen"], rejected=record["rejected"],
+                              aspect=record.get("aspect"), **ratings)
 
-def _parse_pair(record: dict, where: str, root: Path, aspects: Sequence[str] | None,
-                check: ImageCheck) -> PreferencePair:
-    _check_types(record, where, _PAIR_FIELDS, required=("id", "chosen", "rejected"), nullable=False)
-    if ("prompt" in record) == ("messages" in record):
-        raise DataError(f"{where}: field 'prompt': give exactly one of 'prompt' or 'messages'")
-    for key in ("chosen", "rejected"):
-        if any(t in record[key] for t in ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>")):
-            raise DataError(f"{where}: field '{key}': contains a vision placeholder token; images go in 'images'")
-    if record["chosen"] == record["rejected"]:
-        raise DataError(f"{where}: field 'rejected': identical to 'chosen', the pair carries no preference")
-    if "aspect" in record and aspects is not None and record["aspect"] not in aspects:
-        raise DataError(f"{where}: field 'aspect': {record['aspect']!r} is not one of the model's aspects "
-                        f"{list(aspects)}")
-    ratings = {}
-    for key in ("chosen_ratings", "rejected_ratings"):
-        for name, value in record.get(key, {}).items():
-            if aspects is not None and name not in aspects:
-                raise DataError(f"{where}: field '{key}.{name}': not one of the model's aspects {list(aspects)}")
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
-                raise DataError(f"{where}: field '{key}.{name}': expected a finite number, got {value!r}")
-        ratings[key] = {name: float(value) for name, value in record.get(key, {}).items()}
-    prompt = {"id": record["id"], "images": record.get("images", [])}
-    prompt.update({"problem": record["prompt"]} if "prompt" in record else {"messages": record["messages"]})
-    example = parse_record(prompt, where, root, check)  # checks the messages too, as training's prompts
-    return PreferencePair(id=example.id, example=example, chosen=record["chosen"], rejected=record["rejected"],
-                          aspect=record.get("aspect"), **ratings)
+    return _load(path, read_jsonl(path), parse, "id", check_images, max_image_pixels)
 
 
 # ------------------------------------------------------------------------------------------------------------- prompts
