@@ -208,7 +208,7 @@ def read_jsonl(path: str | os.PathLike, text: str | None = None) -> Iterator[tup
 def parse_record(record: dict, where: str, check: ImageCheck, full: bool = True, *, root: Path) -> Example:
     """One JSONL record -> Example, every field checked; images opened by `check` (decoded fully when `full`)."""
     _check_types(record, where, _FIELD_TYPES, required=("id",), nullable=True)
-    if ("problem" in record) == ("messages" in record):
+    if (record.get("problem") is None) == (record.get("messages") is None):  # null counts as absent
         raise DataError(f"{where}: field 'problem': give exactly one of 'problem' or 'messages'")
     if record.get("task") not in (None, "verifiable", "open"):
         raise DataError(f"{where}: field 'task': must be 'verifiable' or 'open', got {record['task']!r}")
@@ -696,8 +696,11 @@ def convert(source: str | os.PathLike, out: str | os.PathLike, *, fields: dict[s
         paths = []
         for k, image in enumerate(example.images):
             if isinstance(image, EncodedImage):
-                with Image.open(io.BytesIO(image.data)) as im:
-                    suffix = {"JPEG": ".jpg", "TIFF": ".tif"}.get(im.format, f".{str(im.format).lower()}")
+                try:  # the header only: with check_images False a truncated image is copied as it is
+                    with Image.open(io.BytesIO(image.data)) as im:
+                        suffix = {"JPEG": ".jpg", "TIFF": ".tif"}.get(im.format, f".{str(im.format).lower()}")
+                except OSError as err:
+                    raise DataError(f"{image.name}: not an image ({err})") from None
                 image_dir.mkdir(exist_ok=True)
                 target = image_dir / f"{index:06d}-{k}{suffix}"
                 target.write_bytes(image.data)
@@ -739,7 +742,7 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--image-root", help="folder that relative image paths start from [the data file's folder]")
     c.add_argument("--max-image-pixels", type=int, default=MAX_IMAGE_PIXELS,
                    help=f"downscale larger images [{MAX_IMAGE_PIXELS}]; 0: no cap")
-    c.add_argument("--no-check", action="store_true", help="do not decode the images (corrupt ones are copied)")
+    c.add_argument("--no-check", action="store_true", help="do not decode the images (truncated ones are copied; bytes that are no image still fail)")
     args = parser.parse_args(argv)
     try:
         n = convert(args.source, args.out, fields=parse_field_overrides(args.field), image_root=args.image_root,

@@ -206,3 +206,12 @@ def test_the_pixel_cap_is_validated_and_the_full_decode_is_split_between_ranks(t
     for bad in (0, -5, 2.5, True):
         with pytest.raises(ValueError, match="data.max_image_pixels: must be an int >= 1 or null"):
             load_jsonl(path, max_image_pixels=bad)
+
+
+@pytest.mark.parametrize("record", [{"id": "x", "problem": None, "answer": "3"},
+                                    {"id": "x", "problem": None, "messages": None, "answer": "3"}])
+def test_a_null_problem_without_messages_names_file_and_line(tmp_path, record):
+    path = tmp_path / "train.jsonl"
+    path.write_text(json.dumps({"id": "ok", "problem": "fine", "answer": "1"}) + "\n" + json.dumps(record) + "\n")
+    with pytest.raises(DataError, match=r"train.jsonl:2: field 'problem': give exactly one of 'problem' or 'messages'"):
+        load_jsonl(path)

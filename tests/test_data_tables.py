@@ -465,3 +465,14 @@ def test_train_py_runs_on_a_hub_parquet_and_trains_on_its_rows(tmp_path):
     rows = [json.loads(line) for line in (tmp_path / "run" / "samples" / "step_000001_rank0.jsonl").open()]
     assert len(rows) == 16
     assert {(r["prompt"], r["gold"]) for r in rows} <= {(p[len("<image>"):], str(2 * i)) for i, p in enumerate(problems)}
+
+
+def test_convert_no_check_copies_a_truncated_image_but_names_the_row_of_bytes_that_are_no_image(tmp_path):
+    truncated = encoded(24, "JPEG")[:-60]  # an interrupted download: the header is intact, the pixels are not
+    src = write_parquet(tmp_path / "t.parquet", {"problem": ["p", "q"], "answer": ["1", "2"],
+                                                 "image": [truncated, b"<html>not an image</html>"]})
+    with pytest.raises(DataError, match=r"t.parquet:row 1: field 'image'.*not an image"):
+        data.convert(src, tmp_path / "t.jsonl", check_images=False)
+    ok = write_parquet(tmp_path / "u.parquet", {"problem": ["p"], "answer": ["1"], "image": [truncated]})
+    assert data.convert(ok, tmp_path / "u.jsonl", check_images=False) == 1
+    assert (tmp_path / "u_images" / "000000-0.jpg").read_bytes() == truncated  # copied as the help text says
