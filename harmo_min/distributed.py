@@ -5,32 +5,24 @@
     tokens, rows = world.sum([n_tokens, n_rows])    # every collective of the loop goes through World
     with gathered_params(model): ...                # full parameters for a whole rollout phase
 
-* `init_distributed()` / `cleanup()`: one process without torchrun (a world of 1 on an in-memory store), N with
-  it; gloo on CPU, NCCL on GPU.
-* `World.sum / max / all_true`: the loop's only collectives. Each builds its tensor on `world.device`: NCCL serves
-  CUDA tensors only, so a tensor made without `device=` (it lands on the CPU) kills a GPU run at its first
-  collective. They take and return Python numbers, so no caller can hand a collective a stray tensor.
-* `apply_fsdp(model, world, compute_dtype=...)`: FSDP2 (`fully_shard`) on the vision tower as one unit, on each
-  decoder layer, then on the root (embeddings, final norm, lm_head). Precision: the parameters stay in their own
-  dtype (float32: the master weights, and with them the gradients and AdamW's state) and FSDP2's
-  `MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=float32)` casts them for compute and reduces
-  gradients in float32. (FSDP2's default policy casts nothing: bf16 parameters would make bf16 AdamW state, and an
-  AdamW step at lr 1e-6 is below half a bf16 ulp for most weights, so most updates are lost.) A world of 1 gets the
-  same wrapping whenever compute_dtype differs from the parameters' dtype, and is left plain otherwise. Gradients
-  are **summed** over ranks (divide factor 1): the loss is already the global sum over the global normaliser
-  (`grpo.loss_normalizer`), so FSDP's default averaging would divide twice.
-* `gathered_params(model)`: all-gather every shard once for a whole rollout phase and keep the full parameters
-  until the phase ends; forwards inside then run without collectives, so ranks may decode different numbers of
-  steps. Memory cost: one full compute-dtype copy of the parameters per rank for the phase.
+* `init_distributed()` / `cleanup()`: N ranks under torchrun, else a world of 1 (in-memory store); gloo or NCCL.
+* `World.sum / max / all_true`, the loop's only collectives, take and return Python numbers and build their tensor on
+  `world.device`: NCCL serves CUDA tensors only, so a tensor made without `device=` kills a GPU run at its first one.
+* `apply_fsdp`: FSDP2 units are the vision tower, each decoder layer, and the root (embeddings, final norm, lm_head).
+  The parameters keep their dtype (a policy's: float32 masters, so float32 gradients and AdamW state; with bf16 an
+  AdamW step at lr 1e-6, below half a bf16 ulp, would be lost for most weights); `MixedPrecisionPolicy` casts them
+  to `compute_dtype` and reduces gradients in float32. Gradients are **summed** over ranks (divide factor 1): the
+  loss is already the global sum over the global normaliser (`grpo.loss_normalizer`), so averaging would divide twice.
+* `gathered_params(model)`: every shard gathered once for a whole rollout phase (one full compute-dtype copy per
+  rank); forwards inside run without collectives, so ranks may decode different numbers of steps.
 * `load_model_sharded(path, world, ...)`: rank 0 alone reads (or builds) the weights; the other ranks build the
-  model on the meta device and receive their shards from rank 0. 8 ranks never hold 8 host copies of a 7B model.
-* `clip_grad_norm(params, max_norm)`: clip by the global norm (over shards and ranks under FSDP2), returned as a float.
-* Checkpoints (`save_checkpoint` / `load_latest_checkpoint`): model and optimizer through torch.distributed.checkpoint
-  (each rank writes its shards), plus each rank's scheduler, step, RNG and data position. Written to `step_N.tmp/`,
-  renamed to `step_N/` when every rank has finished, then `latest` is replaced atomically: a kill mid-save leaves
-  the previous checkpoint as the latest.
-* `export_hf(model, processor, out_dir, world, dtype)`: a `from_pretrained`-loadable folder (safetensors, config,
-  generation config, processor) from the gathered full state dict.
+  model on the meta device and receive their shards. 8 ranks never hold 8 host copies of a 7B model.
+* `clip_grad_norm(params, max_norm)`: clip by the global norm (over shards and ranks), returned as a float.
+* `save_checkpoint` / `load_latest_checkpoint`: model and optimizer through torch.distributed.checkpoint, plus each
+  rank's scheduler, step, RNG and data position. Written to `step_N.tmp/`, renamed to `step_N/` once every rank is
+  done, then `latest` is replaced atomically: a kill mid-save leaves the previous checkpoint as the latest.
+* `full_state_dict(model)`: CPU tensors on rank 0; `export_hf(model, processor, out_dir, world, dtype)`: a
+  `from_pretrained`-loadable folder from it.
 
 Left out: tensor/pipeline parallelism, HSDP, CPU offload of parameters.
 """
@@ -71,7 +63,7 @@ class World:
         return self.rank == 0
 
     def sum(self, values: list[float]) -> list[float]:
-        """Element-wise sum over ranks (float64 on the training device); the values themselves in a world of 1."""
+        """Element-wise over ranks, in float64."""
         t = torch.tensor(values, dtype=torch.float64, device=self.device)
         if self.size > 1:
             dist.all_reduce(t)
@@ -89,7 +81,6 @@ class World:
 
 
 def init_distributed(device: str = "auto") -> World:
-    """Join (or create, without torchrun) the default process group; pick this rank's device."""
     use_cuda = torch.cuda.is_available() if device == "auto" else device.startswith("cuda")
     rank, size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
@@ -110,25 +101,17 @@ def cleanup() -> None:
 
 
 def apply_fsdp(model, world: World, *, compute_dtype: torch.dtype | None = None):
-    """Shard a Qwen2.5-VL model (or a reward model built on one) with FSDP2: vision tower, each decoder layer, root.
-
-    `compute_dtype` None or equal to the parameters' dtype: no casting. A world of 1 without casting is returned
-    unwrapped (nothing to shard, plain modules are faster).
-    """
-    param_dtype = next(model.parameters()).dtype
-    cast = compute_dtype is not None and compute_dtype != param_dtype
+    """Shard a Qwen2.5-VL model (or a reward model built on one); `compute_dtype` None means the parameters' dtype."""
+    cast = compute_dtype is not None and compute_dtype != next(model.parameters()).dtype
     if world.size == 1 and not cast:
-        return model
+        return model  # nothing to shard or cast: plain modules are faster
     mesh = init_device_mesh(world.device.type, (world.size,))
     mp = MixedPrecisionPolicy(param_dtype=compute_dtype if cast else None, reduce_dtype=torch.float32)
     kw = dict(mesh=mesh, mp_policy=mp, reshard_after_forward=True)  # gathered_params lifts it for a rollout
-    fully_shard(model.model.visual, **kw)
-    for layer in model.model.language_model.layers:
-        fully_shard(layer, **kw)
-    fully_shard(model, **kw)
-    for m in _fsdp_modules(model):
-        m.set_gradient_divide_factor(1.0)  # sum, do not average: see the module docstring
-        m.set_force_sum_reduction_for_comms(True)  # a plain SUM (gloo has no PREMUL_SUM; NCCL prefers SUM)
+    for unit in [model.model.visual, *model.model.language_model.layers, model]:  # the root last
+        fully_shard(unit, **kw)
+        unit.set_gradient_divide_factor(1.0)  # sum, do not average: see the module docstring
+        unit.set_force_sum_reduction_for_comms(True)  # a plain SUM (gloo has no PREMUL_SUM; NCCL prefers SUM)
     if not any(p.is_meta for p in model.parameters()):  # a meta-built model does this once it is materialised
         _init_root(model)
     return model
@@ -140,14 +123,9 @@ def _init_root(model) -> None:
     model._get_fsdp_state()._lazy_init()
 
 
-def _fsdp_modules(model) -> list[FSDPModule]:
-    return [m for m in model.modules() if isinstance(m, FSDPModule)]
-
-
 @contextlib.contextmanager
 def gathered_params(model):
-    """Keep full parameters gathered for the duration (the rollout phase); reshard on exit."""
-    modules = _fsdp_modules(model)
+    modules = [m for m in model.modules() if isinstance(m, FSDPModule)]
     for m in modules:
         m.set_reshard_after_forward(False, recurse=False)
         m.unshard()
@@ -162,13 +140,10 @@ def gathered_params(model):
 
 @contextlib.contextmanager
 def forward_only(model):
-    """No autograd for the duration, and FSDP's per-iteration records cleared at the end.
-
-    FSDP2 records the order in which units finish their forward and prefetches in that order, reversed, in the next
-    backward; only a backward clears it. Forwards without a backward (the rollout, reference and old log-probs) would
-    otherwise leave their order behind, and ranks that ran different forwards there (a text-only prompt runs no
-    vision tower in its prefill, decode lengths differ) would prefetch different units in backward: a hang.
-    """
+    """No autograd, and FSDP2's per-iteration state reset on exit. FSDP2 prefetches in backward in the reverse order
+    of the last forwards, and only a backward clears that record: left by forwards without one (rollout, reference,
+    old log-probs), ranks whose forwards differed (a text-only prompt runs no vision tower in its prefill, decode
+    lengths differ) would prefetch different units in backward: a hang."""
     try:
         with torch.no_grad():
             yield model
@@ -178,9 +153,8 @@ def forward_only(model):
 
 
 def clip_grad_norm(params, max_norm: float | None) -> float:
-    """Clip gradients to the global norm `max_norm` (None: measure only) and return the norm before clipping. Under
-    FSDP2 the gradients are DTensor shards and torch returns the norm as a DTensor; `full_tensor` reduces it."""
-    norm = torch.nn.utils.clip_grad_norm_(params, max_norm or math.inf)
+    """The norm before clipping (`max_norm` None: measure only)."""
+    norm = torch.nn.utils.clip_grad_norm_(params, max_norm or math.inf)  # a DTensor under FSDP2: full_tensor reduces it
     return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
 
 
@@ -191,61 +165,39 @@ def full_state_dict(model) -> dict[str, torch.Tensor]:
 
 def load_model_sharded(path: str, world: World, *, seed: int = 0, dtype: torch.dtype = torch.float32,
                        compute_dtype: torch.dtype | None = None, attn_implementation: str = "sdpa"):
-    """(model, processor) on `world.device`, sharded when world.size > 1; rank 0 alone reads (or builds) the weights.
-
-    `dtype` is the parameters' own dtype (float32 master weights for a policy; bf16 for a frozen reference);
-    `compute_dtype` goes to `apply_fsdp`. `path` "tiny" is `build_tiny(seed)`.
-    """
+    """(model, processor) on `world.device`. `dtype` is the parameters' own (float32 master weights for a policy,
+    bf16 for a frozen reference); `compute_dtype` goes to `apply_fsdp`; `path` "tiny" is `build_tiny(seed)`."""
     if world.size == 1:
         model, processor = load_model(path, seed=seed, dtype=dtype, attn_implementation=attn_implementation)
         return apply_fsdp(model.to(world.device), world, compute_dtype=compute_dtype), processor
-    full_sd, buffers, meta = {}, [None], [None]
+    full_sd, meta = {}, [None]
     # Every rank needs the processor, which is small; only rank 0 needs the weights.
     source, processor = load_model(path, seed=seed, dtype=dtype, attn_implementation=attn_implementation,
                                    weights=world.is_main)
     if world.is_main:
         full_sd = source.state_dict()
         # Non-persistent buffers (rotary inv_freq) are not in the state dict; meta-built ranks need rank 0's.
-        buffers = [{k: b for k, b in source.named_buffers() if k not in full_sd}]
-        meta = [(source.config, source.generation_config)]
+        buffers = {k: b for k, b in source.named_buffers() if k not in full_sd}
+        meta = [(source.config, source.generation_config, buffers)]
     dist.broadcast_object_list(meta, src=0)
-    dist.broadcast_object_list(buffers, src=0)
+    config, generation_config, buffers = meta[0]
     with torch.device("meta"):
-        model = Qwen2_5_VLForConditionalGeneration._from_config(meta[0][0], dtype=dtype,
+        model = Qwen2_5_VLForConditionalGeneration._from_config(config, dtype=dtype,
                                                                  attn_implementation=attn_implementation)
-    model.generation_config = meta[0][1]
+    model.generation_config = generation_config
     apply_fsdp(model, world, compute_dtype=compute_dtype)
     model.to_empty(device=world.device)
     set_model_state_dict(model, full_sd, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
-    for name, value in buffers[0].items():
+    for name, value in buffers.items():
         owner, _, attr = name.rpartition(".")
         model.get_submodule(owner)._buffers[attr] = value.to(world.device)
     _init_root(model)
     return model.eval(), processor  # from_pretrained returns eval mode; a meta-built model must match it
 
 
-# -----------------------------------------------------------------------------------------------------------------
-# Checkpoints
-# -----------------------------------------------------------------------------------------------------------------
-
-def rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
-
-
 def save_checkpoint(run_dir: str | os.PathLike, step: int, *, model, optimizer, scheduler=None,
                     state: dict | None = None, keep: int = 2) -> Path:
-    """Write checkpoint `step` atomically; every rank must call it. Returns the final folder."""
+    """Write checkpoint `step` atomically, keeping the `keep` newest; every rank must call it. Returns its folder."""
     ckpt_root = Path(run_dir) / "checkpoints"
     final, tmp = ckpt_root / f"step_{step:08d}", ckpt_root / f"step_{step:08d}.tmp"
     rank = dist.get_rank()
@@ -255,8 +207,10 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, *, model, optimizer, 
     dist.barrier()
     model_sd, optim_sd = get_state_dict(model, optimizer)
     dcp.save({"model": model_sd, "optimizer": optim_sd}, checkpoint_id=str(tmp / "dcp"))
-    per_rank = {"step": step, "rng": rng_state(), "scheduler": scheduler.state_dict() if scheduler else None,
-                **(state or {})}
+    rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state()
+    per_rank = {"step": step, "rng": rng, "scheduler": scheduler.state_dict() if scheduler else None, **(state or {})}
     torch.save(per_rank, tmp / f"rank{rank:05d}.pt")
     dist.barrier()  # every rank's files are on disk before the checkpoint becomes visible
     if rank == 0:
@@ -272,19 +226,13 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, *, model, optimizer, 
     return final
 
 
-def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
+def load_latest_checkpoint(run_dir: str | os.PathLike, *, model, optimizer, scheduler=None) -> dict:
+    """Restore model, optimizer, scheduler and RNG (`--resume`: none is an error, not a silent fresh start); return
+    this rank's saved state."""
     pointer = Path(run_dir) / "checkpoints" / "latest"
     if not pointer.is_file():
-        return None
-    return pointer.parent / json.loads(pointer.read_text())["path"]
-
-
-def load_latest_checkpoint(run_dir: str | os.PathLike, *, model, optimizer, scheduler=None) -> dict:
-    """Restore model, optimizer, scheduler and RNG from the latest checkpoint (`--resume`); return this rank's saved
-    state. No checkpoint under `run_dir` is an error: resuming nothing would silently start over."""
-    folder = latest_checkpoint(run_dir)
-    if folder is None:
         raise FileNotFoundError(f"--resume: no checkpoint under {Path(run_dir)}/checkpoints")
+    folder = pointer.parent / json.loads(pointer.read_text())["path"]
     rank_file = folder / f"rank{dist.get_rank():05d}.pt"
     if not rank_file.is_file():
         raise FileNotFoundError(f"{rank_file} missing: was {folder} written with a different number of ranks?")
@@ -295,7 +243,12 @@ def load_latest_checkpoint(run_dir: str | os.PathLike, *, model, optimizer, sche
     state = torch.load(rank_file, weights_only=False)  # our own file: RNG states are numpy/python objects
     if scheduler is not None and state.get("scheduler") is not None:
         scheduler.load_state_dict(state["scheduler"])
-    set_rng_state(state["rng"])
+    rng = state["rng"]
+    random.setstate(rng["python"])
+    np.random.set_state(rng["numpy"])
+    torch.set_rng_state(rng["torch"])
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state(rng["cuda"])
     return state
 
 

@@ -2,9 +2,8 @@ r"""The memory plan: what one GPU holds at the peak of a GRPO step, worked out b
 
     python train.py --config configs/qwen2_5_vl_3b.yaml --plan --nproc 8      # [--gpu-gb 80 --prompt-tokens 1024]
 
-The policy (and reward model) are built on the meta device from config.json alone: no weights are read. A path that
-does not exist is planned from the public architecture its folder name names (`PUBLIC`: Qwen2.5-VL-3B/7B-Instruct,
-Skywork-VL-Reward-7B), and the table says so; any other missing path is an error naming the key.
+The models are built on the meta device from config.json alone (no weights are read); a path that does not exist is
+planned from the public architecture its folder name names (`PUBLIC`), and the table says so.
 
 Per rank, with P policy parameters, W ranks, c bytes per compute-dtype element (bf16: 2), B = prompts_per_step/W · n
 rollout rows, b = micro_batch_size rows, S = prompt + max_new_tokens positions, R = max_new_tokens, V the vocabulary:
@@ -17,40 +16,38 @@ rollout rows, b = micro_batch_size rows, S = prompt + max_new_tokens positions, 
     rollout weights   cP                  every unit gathered for the phase (distributed.gathered_params)
     KV cache          B·S·layers·2·kv_heads·head_dim·c
     sampler logits    5·B·V·4             the float32 (B, V) tensors rollout.sample_next holds at once
-    FSDP units        c(root + 2u) + (c + 4)u     the root unit (embeddings, lm_head) stays gathered through the
-                                          update; the largest unit u and the one prefetched; u's gradient in c and
-                                          in fp32 for the reduce-scatter
-    logits            2·b·R·V·c + 4·min(1024, bR)·V·4     the model's logits for the R response positions, which
-                                          grpo.TokenLogProb keeps, and in backward their gradient; its float32 chunks
-                                          (x, exp, product, grad)
+    FSDP units        c(root + 2u) + (c + 4)u     the root unit, gathered through the update; the largest unit u
+                                          and the one prefetched; u's gradient in c and in fp32
+    logits            2·b·R·V·c + 4·min(1024, bR)·V·4     the response logits grpo.TokenLogProb keeps and their
+                                          gradient; its float32 chunks (x, exp, product, grad)
     activations       b·S·(layers·a + e) + p·(depth·a_v + e_v)           without checkpointing
                       b·S·(layers·ch + S + e) + p·(depth·ch_v + e_v) + max(b·S·a, p·a_v)      with: each layer's
                                           input and the bool mask are kept; one layer is recomputed at a time
 
 where p is the micro-batch's image patches (one image per distinct prompt, 4 patches per image token) and the bytes
-autograd saves (measured with saved_tensors_hooks in tests/test_memory.py) are, per token of one decoder layer and
-per patch of one vision block (h, i: width and MLP width):
+autograd saves (tests/test_memory.py measures them) are, per token of one decoder layer and per patch of one vision
+block (h, i: width and MLP width):
 
-    a   = 2(4h + 2ch + 4) + 4ch + 4·heads + 4ci + cS    two RMSNorms (fp32 input, normalised, scaled); roped q,
-                                                   k and v repeated to every head (a padded batch), output, log-sum-
+    a   = 2(4h + 2ch + 4) + 4ch + 4·heads + 4ci + cS    two RMSNorms (fp32 input, normalised, scaled); roped q, k
+                                                   and v repeated to every head (a padded batch), output, log-sum-
                                                    exp; SiLU-gated MLP (gate, silu, up, product); SDPA's copy of the
-                                                   attention mask in the compute dtype (one per layer)
+                                                   attention mask in the compute dtype
     a_v = 2(4h + 2ch + 4) + 7ch + 4·heads + 4ci    the same with the fused qkv output and the windows' concatenation
     e   = 8 + 2c·head_dim + 4h + ch + 4            + (ch + 16) per response token: ids, cos/sin, final norm;
                                                    lm_head's input, target, lse, mask
     e_v = c·in·t·patch² + 8·head_dim + 4h + 4ch + 6      pixels, rotary cos/sin, merger norm, GELU in and out
 
-Phases: rollout = always + rollout weights + KV + sampler logits; update = always + gradients + FSDP units + logits +
-activations. The peak is the larger. Not counted: the CUDA context and NCCL buffers (1-2 GB), allocator
-fragmentation, prefill temporaries, the reward model's and reference's forward temporaries (smaller than the
-update's): keep ten per cent spare. GB here is 2^30 bytes, as torch.cuda reports (an "80 GB" card has ~79.6).
+The peak is the larger phase: rollout (always + rollout weights + KV + sampler logits) or update (always + gradients
++ FSDP units + logits + activations). Also not counted (besides the table's last line): prefill temporaries and the
+frozen models' forward temporaries, smaller than the update's. GB is 2^30 bytes, as torch.cuda reports (an "80 GB"
+card has ~79.6).
 """
 
 from __future__ import annotations
 
 import argparse
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -108,7 +105,7 @@ class Arch:
         count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
         total, vision, layer = count(model), count(model.model.visual), count(model.model.language_model.layers[0])
         return cls(name, total, vision, layer, total - vision - layer * config.text_config.num_hidden_layers,
-                   count(model.model), config)  # model.model: the Qwen2_5_VLModel a reward model is built on
+                   count(model.model), config)
 
 
 def _arch(cfg: dict, key: str) -> Arch:
@@ -123,8 +120,7 @@ def _arch(cfg: dict, key: str) -> Arch:
 
 
 def saved_bytes(arch: Arch, c: int, seq: int) -> dict[str, int]:
-    """Bytes autograd saves per token of one decoder layer (a), per patch of one vision block (a_v), and outside the
-    blocks (e per token, e_resp per response token, e_v per patch), for sequences of `seq` positions."""
+    """a, a_v, e, e_v of the module docstring (e_resp: e's per-response-token part) for `seq`-position sequences."""
     t, v = arch.cfg.text_config, arch.cfg.vision_config
     h, hv, d, dv = t.hidden_size, v.hidden_size, t.hidden_size // t.num_attention_heads, v.hidden_size // v.num_heads
     norm, norm_v = 4 * h + 2 * c * h + 4, 4 * hv + 2 * c * hv + 4
@@ -141,7 +137,6 @@ def activation_bytes(arch: Arch, c: int, *, rows: int, seq: int, resp: int, patc
     outside = tokens * s["e"] + rows * resp * s["e_resp"] + patches * s["e_v"]
     if not checkpointing:
         return outside + tokens * t.num_hidden_layers * s["a"] + patches * v.depth * s["a_v"]
-    # Kept: each block's input and the (b, 1, S, S) bool mask every layer's recomputation needs.
     kept = tokens * t.num_hidden_layers * c * t.hidden_size + patches * v.depth * c * v.hidden_size + tokens * seq
     return outside + kept + max(tokens * s["a"], patches * s["a_v"])
 
@@ -149,7 +144,7 @@ def activation_bytes(arch: Arch, c: int, *, rows: int, seq: int, resp: int, patc
 def kv_cache_bytes(arch: Arch, c: int, *, rows: int, positions: int) -> int:
     t = arch.cfg.text_config
     head_dim = t.hidden_size // t.num_attention_heads
-    return rows * positions * t.num_hidden_layers * 2 * t.num_key_value_heads * head_dim * c  # K and V, every layer
+    return rows * positions * t.num_hidden_layers * 2 * t.num_key_value_heads * head_dim * c
 
 
 def logits_bytes(arch: Arch, c: int, *, rows: int, resp: int) -> int:
@@ -160,7 +155,7 @@ def logits_bytes(arch: Arch, c: int, *, rows: int, resp: int) -> int:
 @dataclass
 class Plan:
     title: list[str]
-    rows: list[tuple[str, int, str]] = field(default_factory=list)  # (what, bytes, when: always | rollout | update)
+    rows: list[tuple[str, int, str]]  # (what, bytes, when: always | rollout | update)
     gpu_gb: float = 80.0
 
     def phase(self, name: str) -> int:
@@ -187,49 +182,45 @@ class Plan:
 def plan(cfg: dict, *, world_size: int, gpu_gb: float = 80.0, prompt_tokens: int = 1024, image_tokens: int = 768,
          config_name: str = "") -> Plan:
     """The per-rank plan of a GRPO config (train.py's GRPO_DEFAULTS layout) on `world_size` GPUs."""
-    g, r = cfg["grpo"], cfg["rollout"]
+    g, r, m = cfg["grpo"], cfg["rollout"], cfg["model"]
     if world_size < 1 or g["prompts_per_step"] % world_size:
         raise ValueError(f"grpo.prompts_per_step={g['prompts_per_step']} is not divisible by {world_size} rank(s)")
     if not 0 <= image_tokens <= prompt_tokens:
         raise ValueError(f"--image-tokens {image_tokens} must be between 0 and --prompt-tokens {prompt_tokens}")
-    name = cfg["model"]["compute_dtype"]
-    dtype = resolve_dtype(name, torch.device("cuda"))  # auto: bf16 on the GPU this plans for
-    c, W, n, b = dtype.itemsize, world_size, r["n"], g["micro_batch_size"]
+    dtype = resolve_dtype(m["compute_dtype"], torch.device("cuda"))  # auto: bf16 on the GPU this plans for
+    c, W, n, b, resp = dtype.itemsize, world_size, r["n"], g["micro_batch_size"], r["max_new_tokens"]
     arch = _arch(cfg, "model")
-    prompts, seq, resp = g["prompts_per_step"] // W, prompt_tokens + r["max_new_tokens"], r["max_new_tokens"]
+    prompts, seq, vocab = g["prompts_per_step"] // W, prompt_tokens + resp, arch.cfg.text_config.vocab_size
     images = min(prompts, math.ceil(b / n) + (0 if b % n == 0 or n % b == 0 else 1)) if image_tokens else 0
-    patches = images * image_tokens * arch.cfg.vision_config.spatial_merge_size ** 2
-    ckpt = cfg["model"]["activation_checkpointing"]
-    act = dict(rows=min(b, prompts * n), seq=seq, resp=resp, patches=patches)
-    unit = max(arch.vision, arch.layer)
-    p = Plan([f"memory plan per GPU: {config_name or 'config'} on {W} rank(s) of {gpu_gb:g} GB",
-              f"policy: {arch.name}",
-              f"        {_count(arch.params)} parameters ({_count(arch.vision)} vision), compute {str(dtype)[6:]}",
-              f"assumed: prompts of {prompt_tokens} tokens ({image_tokens} image tokens), responses of {resp} tokens",
-              f"rollout: {prompts} prompts x {n} = {prompts * n} rows; update: micro-batches of {act['rows']} rows, "
-              f"{images} image(s), activation checkpointing {'on' if ckpt else 'off'}"], gpu_gb=gpu_gb)
-    p.rows += [(f"master weights (fp32, 1/{W})", 4 * arch.params // W, "always"),
-               (f"AdamW state (fp32, 1/{W})", 8 * arch.params // W, "always")]
+    act = dict(rows=min(b, prompts * n), seq=seq, resp=resp,
+               patches=images * image_tokens * arch.cfg.vision_config.spatial_merge_size ** 2)
+    unit, ckpt = max(arch.vision, arch.layer), m["activation_checkpointing"]
+    title = [f"memory plan per GPU: {config_name or 'config'} on {W} rank(s) of {gpu_gb:g} GB",
+             f"policy: {arch.name}",
+             f"        {_count(arch.params)} parameters ({_count(arch.vision)} vision), compute {str(dtype)[6:]}",
+             f"assumed: prompts of {prompt_tokens} tokens ({image_tokens} image tokens), responses of {resp} tokens",
+             f"rollout: {prompts} prompts x {n} = {prompts * n} rows; update: micro-batches of {act['rows']} rows, "
+             f"{images} image(s), activation checkpointing {'on' if ckpt else 'off'}"]
+    rows = [(f"master weights (fp32, 1/{W})", 4 * arch.params // W, "always"),
+            (f"AdamW state (fp32, 1/{W})", 8 * arch.params // W, "always")]
     if g["kl_coef"] > 0:
-        p.rows.append((f"reference (kl_coef {g['kl_coef']:g}, 1/{W})", c * arch.params // W, "always"))
+        rows.append((f"reference (kl_coef {g['kl_coef']:g}, 1/{W})", c * arch.params // W, "always"))
     if cfg["reward_model"]["path"]:
         rm = _arch(cfg, "reward_model")
-        p.title[3:3] = [f"reward model: {rm.name}", f"        {_count(rm.backbone)} parameters, one copy per GPU"]
-        p.rows.append(("reward model (full copy)", c * rm.backbone, "always"))
-    kv = kv_cache_bytes(arch, c, rows=prompts * n, positions=seq)
-    p.rows += [("rollout weights (gathered, full)", c * arch.params, "rollout"),
-               (f"KV cache ({prompts * n} rows x {seq} positions)", kv, "rollout"),
-               ("sampler logits (fp32)", 5 * prompts * n * arch.cfg.text_config.vocab_size * 4, "rollout"),
-               (f"gradients (fp32, 1/{W})", 4 * arch.params // W, "update"),
-               ("FSDP units gathered + unit gradients", c * (arch.root + 2 * unit) + (c + 4) * unit, "update"),
-               (f"logits ({act['rows']} x {resp} x {arch.cfg.text_config.vocab_size})",
-                logits_bytes(arch, c, rows=act["rows"], resp=resp), "update")]
-    without = activation_bytes(arch, c, **act, checkpointing=False)
-    with_ckpt = activation_bytes(arch, c, **act, checkpointing=True)
-    p.rows.append((f"activations, checkpointing {'on' if ckpt else 'off'} "
-                   f"({'off' if ckpt else 'on'}: {(without if ckpt else with_ckpt) / GB:.1f})",
-                   with_ckpt if ckpt else without, "update"))
-    return p
+        title[3:3] = [f"reward model: {rm.name}", f"        {_count(rm.backbone)} parameters, one copy per GPU"]
+        rows.append(("reward model (full copy)", c * rm.backbone, "always"))
+    planned, alternative = (activation_bytes(arch, c, **act, checkpointing=x) for x in (ckpt, not ckpt))
+    rows += [("rollout weights (gathered, full)", c * arch.params, "rollout"),
+             (f"KV cache ({prompts * n} rows x {seq} positions)",
+              kv_cache_bytes(arch, c, rows=prompts * n, positions=seq), "rollout"),
+             ("sampler logits (fp32)", 5 * prompts * n * vocab * 4, "rollout"),
+             (f"gradients (fp32, 1/{W})", 4 * arch.params // W, "update"),
+             ("FSDP units gathered + unit gradients", c * (arch.root + 2 * unit) + (c + 4) * unit, "update"),
+             (f"logits ({act['rows']} x {resp} x {vocab})", logits_bytes(arch, c, rows=act["rows"], resp=resp),
+              "update"),
+             (f"activations, checkpointing {'on' if ckpt else 'off'} ({'off' if ckpt else 'on'}: "
+              f"{alternative / GB:.1f})", planned, "update")]
+    return Plan(title, rows, gpu_gb)
 
 
 def _count(n: int) -> str:
