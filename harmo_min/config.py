@@ -3,14 +3,11 @@
     cfg = load_config("configs/tiny.yaml", ["rollout.n=8", "reward.weights.length=0.5"], defaults=GRPO_DEFAULTS,
                       open_keys=("reward",), rules={"rollout.top_p": in_range(0, 1, low_open=True), ...})
 
-The defaults dict is the schema: every key a YAML file or an override sets must exist there (except under the
-`open_keys` sub-trees, such as `reward`, whose keys are checked by their own component), and its value must have the
-default's type (an int is accepted where a float is expected; `None` defaults accept anything). Then each key in
-`rules` must pass its rule. All of it fails before any model is loaded, naming the key (and the nearest valid one):
+The defaults dict is the schema: every key set must exist there (except under `open_keys`, whose sub-trees are
+checked by their own component) with the default's type (an int passes for a float; a `None` default takes anything);
+then each key in `rules` must pass its rule. Both fail before any model loads, naming the key and the nearest one:
 `command line: unknown config key 'rollout.nn' (did you mean 'rollout.n'?)`, `rollout.top_p: must be in (0, 1], got 0`.
 """
-
-from __future__ import annotations
 
 import argparse
 import contextlib
@@ -152,8 +149,7 @@ def load_config(path: str | os.PathLike | None, overrides: list[str], *, default
 
 def parse_run_args(argv: list[str] | None, *, description: str, default_config: str,
                    add_arguments: Callable[[argparse.ArgumentParser], None] | None = None) -> argparse.Namespace:
-    """The command line every training script shares: --config FILE, --resume, --overwrite, dotted overrides, plus
-    what `add_arguments(parser)` adds (train.py's memory-plan flags)."""
+    """The training scripts' command line: --config, --resume, --overwrite, overrides, plus `add_arguments`'s."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--config", default=default_config, help=f"YAML config (default: {default_config})")
     parser.add_argument("--resume", action="store_true", help="continue from run_dir/checkpoints/latest")
@@ -164,14 +160,13 @@ def parse_run_args(argv: list[str] | None, *, description: str, default_config: 
     return parser.parse_intermixed_args(argv)  # flags may follow the overrides
 
 
-def lr_schedule(cfg: dict):
-    """LambdaLR factor from `optim.warmup_steps`, `optim.schedule` (constant | cosine) and `train.steps`."""
-    o, steps = cfg["optim"], cfg["train"]["steps"]
+def lr_schedule(cfg: dict) -> Callable[[int], float]:
+    """LambdaLR factor: linear warm-up for `optim.warmup_steps`, then `optim.schedule`: constant, or a cosine that
+    reaches 0 at `train.steps`."""
+    warmup, steps, cosine = cfg["optim"]["warmup_steps"], cfg["train"]["steps"], cfg["optim"]["schedule"] == "cosine"
 
     def factor(step: int) -> float:
-        if step < o["warmup_steps"]:
-            return (step + 1) / o["warmup_steps"]
-        if o["schedule"] == "cosine":
-            return 0.5 * (1 + math.cos(math.pi * (step - o["warmup_steps"]) / max(1, steps - o["warmup_steps"])))
-        return 1.0
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup))) if cosine else 1.0
     return factor

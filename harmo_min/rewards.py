@@ -1,6 +1,5 @@
 r"""The multi-aspect reward combiner of HARMO (arXiv 2510.05283): one group of G responses in, G rewards out.
 
-Every aspect is computed for every response of a group, and the aspects are combined into one scalar per response.
 Pure Python, no torch: reward-model scores come in as plain numbers, checkable answers go to the rule verifier.
 Keys are `reward.<key>` [default]; the README's "Rewards" section is the user's guide to them.
 
@@ -51,12 +50,11 @@ Left out: the reward-model forward, reference answers, parameters for user aspec
 
 from __future__ import annotations
 
-import dataclasses
 import importlib
 import math
 import re
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 from numbers import Integral, Real
 from typing import Any, Callable, Sequence
 
@@ -110,7 +108,7 @@ class RewardConfig:
         d = {} if d is None else d
         if not isinstance(d, dict):
             raise ValueError(f"{prefix}: must be a mapping, got {type(d).__name__}")
-        keys = [f.name for f in dataclasses.fields(cls) if f.name not in ("prefix", "answer_format")]
+        keys = [f.name for f in fields(cls) if f.name not in ("prefix", "answer_format")]
         for key in d:
             if key in ("format", "answer_format"):
                 raise ValueError(f"{prefix}.{key}: not a reward key; the answer format (and so the format checked) "
@@ -156,7 +154,7 @@ class RewardConfig:
             if self.accuracy_requires_format:
                 raise ValueError(f"{p}.accuracy_requires_format: must be false when data.answer_format is "
                                  f"{self.answer_format} (there is no format to require)")
-        rules = {f.name: f.metadata["rule"] for f in dataclasses.fields(self) if "rule" in f.metadata}
+        rules = {f.name: f.metadata["rule"] for f in fields(self) if "rule" in f.metadata}
         check_rules({name: getattr(self, name) for name in rules}, rules, prefix=f"{p}.")
         if self.overlong_max_len is not None and self.overlong_buffer > self.overlong_max_len:
             raise ValueError(f"{p}.overlong_buffer: {self.overlong_buffer} exceeds "
@@ -164,7 +162,7 @@ class RewardConfig:
 
     def resolve(self, max_new_tokens: int) -> RewardConfig:
         """The config with overlong_max_len filled in from the rollout when the YAML left it null."""
-        return self if self.overlong_max_len is not None else dataclasses.replace(self, overlong_max_len=max_new_tokens)
+        return self if self.overlong_max_len is not None else replace(self, overlong_max_len=max_new_tokens)
 
 
 # ---------------------------------------------------------------------------------------------------- registry
@@ -337,9 +335,8 @@ register_aspect("format")(lambda example, response, ctx: float(format_ok(respons
 @register_aspect("instruction")
 def instruction(example: Any, response: str, ctx: Ctx) -> float:
     constraints = getattr(example, "constraints", None) or []
-    if not constraints:
-        return 1.0
-    return sum(CONSTRAINT_KINDS[c["kind"]][0](example, response, c) for c in constraints) / len(constraints)
+    satisfied = sum(CONSTRAINT_KINDS[c["kind"]][0](example, response, c) for c in constraints)
+    return satisfied / len(constraints) if constraints else 1.0
 
 
 @register_aspect("length", group=True)
