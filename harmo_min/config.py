@@ -15,7 +15,7 @@ import copy
 import difflib
 import math
 import os
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import yaml
 
@@ -30,7 +30,7 @@ def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def did_you_mean(name: Any, options, cutoff: float = 0.6) -> str:
+def did_you_mean(name: Any, options: Iterable, cutoff: float = 0.6) -> str:
     """` (did you mean 'x'?)` naming the option closest to `name`, or "" when none is close."""
     close = difflib.get_close_matches(str(name), [str(o) for o in options], n=1, cutoff=cutoff)
     return f" (did you mean '{close[0]}'?)" if close else ""

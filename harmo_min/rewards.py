@@ -69,7 +69,6 @@ ROUTES = ("rule", "model", "rule_low_confidence", "none")
 DEFAULT_WEIGHTS = {"accuracy": 1.0, "format": 0.1, "instruction": 0.1, "length": 1.0, "overlong": 0.0}
 
 
-# ---------------------------------------------------------------------------------------------------- config
 def _number(default: Any, what: str, test: Callable[[Any], bool], integer: bool = False) -> Any:
     """A field that must hold a finite number (an integer) passing `test`, or None where the default is None: a
     config.py rule, checked by __post_init__. A bool is an int to Python, but `true` for a number is a typo."""
@@ -165,7 +164,6 @@ class RewardConfig:
         return self if self.overlong_max_len is not None else replace(self, overlong_max_len=max_new_tokens)
 
 
-# ---------------------------------------------------------------------------------------------------- registry
 @dataclass(frozen=True)
 class Ctx:
     """What a per-response aspect knows about its response besides the text."""
@@ -207,7 +205,6 @@ def register_aspect(name: str, *, group: bool = False) -> Callable:
     return add
 
 
-# ---------------------------------------------------------------------------------------------------- reading the text
 _TAG = re.compile(r"</?(?:think|answer)>", re.I | re.A)  # ASCII case only, as verifier.answer_block
 _THINK_BLOCK = re.compile(r"<think>.*?(</think>|\Z)", re.I | re.A | re.S)  # \Z: an unclosed block runs to the end,
 # and ends the search there (a lazy <think>.*?</think> alone is quadratic on "<think>" * 50_000)
@@ -234,7 +231,6 @@ def visible_text(response: str) -> str:
     return _THINK_BLOCK.sub(lambda m: " " if m[1] else "", response)  # a closed block leaves a word break
 
 
-# ---------------------------------------------------------------------------------------------------- constraints
 _COUNT: Rule = (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0), "must be a non-negative integer"
 _LETTER_RE = re.compile(r"\(?([A-Z])\)?\.?")
 _NUMBER_RE = re.compile(r"[-+]?(?:\d+(?:,\d{3})*(?:\.\d+)?|\.\d+)(?:[eE][-+]?\d+)?%?"
@@ -252,6 +248,10 @@ def _answer_is_choice_letter(example: Any, response: str, c: dict) -> bool:
     return bool(m) and ord(m.group(1)) - ord("A") < n
 
 
+def _answer_is_number(example: Any, response: str, c: dict) -> bool:
+    return bool(_NUMBER_RE.fullmatch((extract_answer(response) or "").strip().strip("$").strip()))
+
+
 def _language(example: Any, response: str, c: dict) -> bool:
     text = visible_text(response)
     letters = len(_ANY_LETTER.findall(text))
@@ -267,8 +267,7 @@ CONSTRAINT_KINDS: dict[str, tuple[Callable[[Any, str, dict], bool], Rule | None]
     "must_include": (lambda ex, r, c: c["value"].casefold() in visible_text(r).casefold(), NOT_EMPTY),
     "must_not_include": (lambda ex, r, c: c["value"].casefold() not in visible_text(r).casefold(), NOT_EMPTY),
     "answer_is_choice_letter": (_answer_is_choice_letter, None),
-    "answer_is_number": (lambda ex, r, c: bool(_NUMBER_RE.fullmatch((extract_answer(r) or "").strip().strip("$")
-                                                                    .strip())), None),
+    "answer_is_number": (_answer_is_number, None),
     "language": (_language, one_of(*sorted(_SCRIPT))),
 }
 
@@ -289,7 +288,6 @@ def validate_constraint(c: dict) -> None:
         check_rules(c, {"value": rule}, prefix=f"constraint {kind}.")
 
 
-# ---------------------------------------------------------------------------------------------------- hybrid accuracy
 def route_accuracy(task: str, verdict: Verdict | None, score: float | None, cfg: RewardConfig) -> tuple[float, str]:
     """(accuracy, route) of one response; the table in the module docstring, row by row."""
     model = None  # sigmoid(s / T), None when s is missing
@@ -327,7 +325,6 @@ def _gold(example: Any) -> str:
     return "" if answer is None else str(answer)  # "" is an unparseable gold: the verifier says so, c = 0
 
 
-# ---------------------------------------------------------------------------------------------------- built-in aspects
 register_aspect("accuracy", group=True)(lambda example, group: list(group.accuracy))  # routed and gated already
 register_aspect("format")(lambda example, response, ctx: float(format_ok(response, ctx.cfg.answer_format)))
 
@@ -365,7 +362,6 @@ def overlong_penalty(example: Any, response: str, ctx: Ctx) -> float:
     return (l_max - buf - n) / buf
 
 
-# ---------------------------------------------------------------------------------------------------- scoring
 @dataclass
 class GroupRewards:
     total: list[float]  # (G,) the combined reward
@@ -396,9 +392,8 @@ def combine(breakdown: dict[str, list[float]], cfg: RewardConfig) -> list[float]
 def score_group(example: Any, responses: Sequence[str], *, lengths: Sequence[int], finish_reasons: Sequence[str],
                 model_scores: Sequence[float | None] | None = None, cfg: RewardConfig,
                 verdicts: Sequence[Verdict] | None = None) -> GroupRewards:
-    """Score the G responses to one prompt. `verdicts` (one per response) skips the verifier: score_batch
-    passes verdicts computed in parallel, tests pass hand-made ones. The trainer builds responses, lengths and
-    finish reasons itself (asserted); the example, model scores and user aspects are checked with clear errors."""
+    """Score the G responses to one prompt; `verdicts` (one per response, as score_batch computes them) skips the
+    verifier. Responses, lengths and finish reasons are the trainer's (asserted); the rest is checked by name."""
     n = len(responses)
     assert n > 0 and len(lengths) == n and len(finish_reasons) == n, (n, len(lengths), len(finish_reasons))
     scores = [None] * n if model_scores is None else list(model_scores)
@@ -461,7 +456,6 @@ def score_batch(examples: Sequence[Any], groups: Sequence[Sequence[str]], *, len
             for k, (ex, group) in enumerate(zip(examples, groups))]
 
 
-# ---------------------------------------------------------------------------------------------------- logging
 def route_counts(groups: Sequence[GroupRewards]) -> dict[str, int]:
     """Responses per accuracy route over a batch; every route present, so log keys stay stable."""
     return {**dict.fromkeys(ROUTES, 0), **Counter(r for g in groups for r in g.route)}
