@@ -1,25 +1,21 @@
-"""YAML configs with dotted command-line overrides, checked against each stage's defaults.
+"""YAML configs with dotted command-line overrides, checked against each stage's defaults and rules.
 
-    cfg = load_config("configs/tiny.yaml", ["rollout.n=8", "reward.weights.length=0.5"], defaults=GRPO_DEFAULTS)
+    cfg = load_config("configs/tiny.yaml", ["rollout.n=8", "reward.weights.length=0.5"], defaults=GRPO_DEFAULTS,
+                      open_keys=("reward",), rules={"rollout.top_p": in_range(0, 1, low_open=True), ...})
 
-The defaults dict is the schema: every key a YAML file or an override sets must exist there (except under the
-`open` sub-trees, such as `reward.weights`, whose keys are aspect names checked by their own component), and its
-value must have the default's type (an int is accepted where a float is expected; `None` defaults accept anything).
-A typo fails before any model is loaded, naming the key and the nearest valid one.
-
-Each script also declares `rules`, a check per key (`{"rollout.top_p": in_range(0, 1, low_open=True), ...}`), run
-by `load_config` after the merge, so a bad value is named with its key before anything loads:
-`rollout.top_p: must be in (0, 1], got 0`.
+The defaults dict is the schema: every key set must exist there (except under `open_keys`, whose sub-trees are
+checked by their own component) with the default's type (an int passes for a float; a `None` default takes anything);
+then each key in `rules` must pass its rule. Both fail before any model loads, naming the key and the nearest one:
+`command line: unknown config key 'rollout.nn' (did you mean 'rollout.n'?)`, `rollout.top_p: must be in (0, 1], got 0`.
 """
 
-from __future__ import annotations
-
 import argparse
+import contextlib
 import copy
 import difflib
 import math
 import os
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import yaml
 
@@ -27,32 +23,30 @@ import yaml
 def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
     out = {}
     for key, value in tree.items():
-        path = f"{prefix}{key}"
-        if isinstance(value, dict) and value:
-            out.update(_flatten(value, path + "."))
+        if isinstance(value, dict) and value:  # an empty dict stays a leaf: an empty section
+            out.update(_flatten(value, f"{prefix}{key}."))
         else:
-            out[path] = value
+            out[f"{prefix}{key}"] = value
     return out
+
+
+def did_you_mean(name: Any, options: Iterable, cutoff: float = 0.6) -> str:
+    """` (did you mean 'x'?)` naming the option closest to `name`, or "" when none is close."""
+    close = difflib.get_close_matches(str(name), [str(o) for o in options], n=1, cutoff=cutoff)
+    return f" (did you mean '{close[0]}'?)" if close else ""
 
 
 def _check_type(key: str, value: Any, default: Any, where: str) -> Any:
     if default is None or value is None:
         return value
-    if isinstance(default, bool) or isinstance(value, bool):
-        ok = isinstance(default, bool) and isinstance(value, bool)
-    elif isinstance(default, float):
-        if isinstance(value, str):  # YAML 1.1 reads `1e-6` (no dot) as a string
-            try:
-                value = float(value)
-            except ValueError:
-                pass
-        ok = isinstance(value, (int, float))
-        value = float(value) if ok else value
-    else:
-        ok = isinstance(value, type(default))
-    if not ok:
-        raise ValueError(f"{where}{key}: expected {type(default).__name__}, got {type(value).__name__} ({value!r})")
-    return value
+    if isinstance(default, float) and isinstance(value, str):  # YAML 1.1 reads `1e-6` (no dot) as a string
+        with contextlib.suppress(ValueError):
+            value = float(value)
+    if isinstance(default, float) and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, type(default)) and isinstance(value, bool) == isinstance(default, bool):
+        return value
+    raise ValueError(f"{where}{key}: expected {type(default).__name__}, got {type(value).__name__} ({value!r})")
 
 
 def merge(defaults: dict, updates: dict, *, open_keys: tuple[str, ...] = (), where: str = "") -> dict:
@@ -62,15 +56,12 @@ def merge(defaults: dict, updates: dict, *, open_keys: tuple[str, ...] = (), whe
     for key, value in _flatten(updates).items():
         if any(key == k or key.startswith(k + ".") for k in open_keys):
             pass
-        elif key not in known:
-            prefix_of_known = any(k.startswith(key + ".") for k in known)
-            if prefix_of_known and isinstance(value, dict):  # an empty section, e.g. `reward: {}`
-                continue
-            hint = difflib.get_close_matches(key, list(known), n=1, cutoff=0.5)
-            nearest = f" (did you mean '{hint[0]}'?)" if hint else ""
-            raise ValueError(f"{where}unknown config key '{key}'{nearest}")
-        else:
+        elif key in known:
             value = _check_type(key, value, known[key], where)
+        elif isinstance(value, dict) and any(k.startswith(key + ".") for k in known):
+            continue  # an empty section, e.g. `reward: {}`
+        else:
+            raise ValueError(f"{where}unknown config key '{key}'{did_you_mean(key, known, cutoff=0.5)}")
         node = cfg
         *parents, leaf = key.split(".")
         for p in parents:
@@ -124,22 +115,21 @@ def above_or_null(low: float) -> Rule:
 NOT_EMPTY: Rule = (lambda v: isinstance(v, str) and v.strip() != ""), "must be a non-empty string"
 
 
-def check_rules(cfg: dict, rules: dict[str, Rule]) -> None:
-    """Raise ValueError naming the first key whose value breaks its rule."""
-    flat = _flatten(cfg)
+def check_rules(values: dict[str, Any], rules: dict[str, Rule], prefix: str = "") -> None:
+    """Raise ValueError naming the first key (prefix + key, in `rules` order) whose value breaks its rule."""
     for key, (ok, requirement) in rules.items():
-        value = flat.get(key)
+        value = values.get(key)
         try:
             good = ok(value)
         except TypeError:  # None, or a list where a number belongs
             good = False
         if not good:
-            raise ValueError(f"{key}: {requirement}, got {value!r}")
+            raise ValueError(f"{prefix}{key}: {requirement}, got {value!r}")
 
 
 def load_config(path: str | os.PathLike | None, overrides: list[str], *, defaults: dict,
                 open_keys: tuple[str, ...] = (), rules: dict[str, Rule] | None = None) -> dict:
-    """Defaults <- YAML file <- dotted overrides, then `rules`; errors name the file or the override and the key."""
+    """Defaults <- YAML file <- dotted overrides, then `rules` in order; errors name the file or the override."""
     cfg = defaults
     if path:  # None or "": defaults only
         if not os.path.isfile(path):
@@ -153,14 +143,13 @@ def load_config(path: str | os.PathLike | None, overrides: list[str], *, default
             raise ValueError(f"{path}: expected a mapping at the top level")
         cfg = merge(cfg, from_file, open_keys=open_keys, where=f"{path}: ")
     cfg = merge(cfg, parse_overrides(overrides), open_keys=open_keys, where="command line: ")
-    check_rules(cfg, rules or {})
+    check_rules(_flatten(cfg), rules or {})
     return cfg
 
 
 def parse_run_args(argv: list[str] | None, *, description: str, default_config: str,
                    add_arguments: Callable[[argparse.ArgumentParser], None] | None = None) -> argparse.Namespace:
-    """The command line every training script shares: --config FILE, --resume, --overwrite, dotted overrides, plus
-    what `add_arguments(parser)` adds (train.py's memory-plan flags)."""
+    """The training scripts' command line: --config, --resume, --overwrite, overrides, plus `add_arguments`'s."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--config", default=default_config, help=f"YAML config (default: {default_config})")
     parser.add_argument("--resume", action="store_true", help="continue from run_dir/checkpoints/latest")
@@ -171,14 +160,13 @@ def parse_run_args(argv: list[str] | None, *, description: str, default_config: 
     return parser.parse_intermixed_args(argv)  # flags may follow the overrides
 
 
-def lr_schedule(cfg: dict):
-    """LambdaLR factor from `optim.warmup_steps`, `optim.schedule` (constant | cosine) and `train.steps`."""
-    o, steps = cfg["optim"], cfg["train"]["steps"]
+def lr_schedule(cfg: dict) -> Callable[[int], float]:
+    """LambdaLR factor: linear warm-up for `optim.warmup_steps`, then `optim.schedule`: constant, or a cosine that
+    reaches 0 at `train.steps`."""
+    warmup, steps, cosine = cfg["optim"]["warmup_steps"], cfg["train"]["steps"], cfg["optim"]["schedule"] == "cosine"
 
     def factor(step: int) -> float:
-        if step < o["warmup_steps"]:
-            return (step + 1) / o["warmup_steps"]
-        if o["schedule"] == "cosine":
-            return 0.5 * (1 + math.cos(math.pi * (step - o["warmup_steps"]) / max(1, steps - o["warmup_steps"])))
-        return 1.0
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup))) if cosine else 1.0
     return factor

@@ -1,6 +1,5 @@
 r"""The multi-aspect reward combiner of HARMO (arXiv 2510.05283): one group of G responses in, G rewards out.
 
-Every aspect is computed for every response of a group, and the aspects are combined into one scalar per response.
 Pure Python, no torch: reward-model scores come in as plain numbers, checkable answers go to the rule verifier.
 Keys are `reward.<key>` [default]; the README's "Rewards" section is the user's guide to them.
 
@@ -51,20 +50,18 @@ Left out: the reward-model forward, reference answers, parameters for user aspec
 
 from __future__ import annotations
 
-import dataclasses
-import difflib
 import importlib
 import math
 import re
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 from numbers import Integral, Real
 from typing import Any, Callable, Sequence
 
+from harmo_min.config import NOT_EMPTY, Rule, check_rules, did_you_mean, one_of
 from harmo_min.verifier import Verdict, answer_block, extract_answer, last_boxed, verify, verify_batch
 
-ANSWER_FORMATS = ("think_answer", "boxed", "bare")  # data.answer_format; data.py keys its prompt instructions by
-# these (the tuple lives here because data.py imports this module, not the other way round)
+ANSWER_FORMATS = ("think_answer", "boxed", "bare")  # data.answer_format (here: data.py imports this module)
 CHECKED_FORMATS = ("think_answer", "boxed")  # the answer formats with a shape that format_ok checks
 ACCURACY_SOURCES = ("hybrid", "rule", "model")
 COMBINE_MODES = ("sum_then_normalize", "normalize_then_sum")
@@ -72,24 +69,18 @@ ROUTES = ("rule", "model", "rule_low_confidence", "none")
 DEFAULT_WEIGHTS = {"accuracy": 1.0, "format": 0.1, "instruction": 0.1, "length": 1.0, "overlong": 0.0}
 
 
-def _did_you_mean(name: str, options) -> str:
-    close = difflib.get_close_matches(str(name), [str(o) for o in options], n=1)
-    return f" (did you mean '{close[0]}'?)" if close else ""
-
-
-def _check_number(key: str, value: Any, ok: Callable[[Any], bool], rule: str, integer: bool = False) -> None:
+def _number(default: Any, what: str, test: Callable[[Any], bool], integer: bool = False) -> Any:
+    """A field that must hold a finite number (an integer) passing `test`, or None where the default is None: a
+    config.py rule, checked by __post_init__. A bool is an int to Python, but `true` for a number is a typo."""
     kind = Integral if integer else Real
-    # bool is an int in Python; `true` in a YAML weight is a typo, not 1.0.
-    if isinstance(value, bool) or not isinstance(value, kind) or not math.isfinite(value) or not ok(value):
-        raise ValueError(f"{key}: must be {'an integer' if integer else 'a number'} {rule}, got {value!r}")
+
+    def ok(v: Any) -> bool:
+        if v is None:
+            return default is None
+        return isinstance(v, kind) and not isinstance(v, bool) and math.isfinite(v) and test(v)
+    return field(default=default, metadata={"rule": (ok, f"must be {'an integer' if integer else 'a number'} {what}")})
 
 
-def _check_choice(key: str, value: Any, options: tuple[str, ...]) -> None:
-    if value not in options:
-        raise ValueError(f"{key}: {value!r} is not one of {options}{_did_you_mean(value, options)}")
-
-
-# ---------------------------------------------------------------------------------------------------- config
 @dataclass(frozen=True)
 class RewardConfig:
     weights: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_WEIGHTS))
@@ -97,33 +88,32 @@ class RewardConfig:
     answer_format: str = "think_answer"  # data.answer_format, passed in by the trainer: not a `reward:` key
     accuracy_source: str = "hybrid"
     accuracy_requires_format: bool = False
-    min_confidence: float = 0.5
-    rm_temperature: float = 1.0
-    correct_threshold: float = 0.5
-    length_p_max: float = 0.5
-    length_tau: float = 0.5
-    overlong_max_len: int | None = None
-    overlong_buffer: int = 0
-    norm_eps: float = 1e-4
-    verifier_timeout_s: float = 1.0
-    workers: int = 0
+    min_confidence: float = _number(0.5, "in [0, 1]", lambda v: 0 <= v <= 1)
+    rm_temperature: float = _number(1.0, "> 0", lambda v: v > 0)
+    correct_threshold: float = _number(0.5, "in (0, 1]", lambda v: 0 < v <= 1)
+    length_p_max: float = _number(0.5, "≥ 0", lambda v: v >= 0)
+    length_tau: float = _number(0.5, "> 0", lambda v: v > 0)
+    overlong_max_len: int | None = _number(None, "> 0 (or null)", lambda v: v > 0, integer=True)
+    overlong_buffer: int = _number(0, "≥ 0", lambda v: v >= 0, integer=True)
+    norm_eps: float = _number(1e-4, "> 0", lambda v: v > 0)
+    verifier_timeout_s: float = _number(1.0, "> 0", lambda v: v > 0)
+    workers: int = _number(0, "≥ 0 (0 = serial)", lambda v: v >= 0, integer=True)
     plugins: tuple[str, ...] = ()  # modules imported before the weights are checked: they register aspects
     prefix: str = field(default="reward", repr=False, compare=False)  # only for error messages
 
     @classmethod
     def from_dict(cls, d: dict | None, *, answer_format: str, prefix: str = "reward") -> RewardConfig:
-        """Build from the `reward:` YAML section and data.answer_format. Given weights override the defaults
-        one by one."""
+        """From the `reward:` YAML section and data.answer_format; given weights override the defaults one by one."""
         d = {} if d is None else d
         if not isinstance(d, dict):
             raise ValueError(f"{prefix}: must be a mapping, got {type(d).__name__}")
-        keys = [f.name for f in dataclasses.fields(cls) if f.name not in ("prefix", "answer_format")]
+        keys = [f.name for f in fields(cls) if f.name not in ("prefix", "answer_format")]
         for key in d:
             if key in ("format", "answer_format"):
                 raise ValueError(f"{prefix}.{key}: not a reward key; the answer format (and so the format checked) "
                                  f"is data.answer_format, one of {ANSWER_FORMATS}")
             if key not in keys:
-                raise ValueError(f"{prefix}.{key}: unknown key{_did_you_mean(key, keys)}")
+                raise ValueError(f"{prefix}.{key}: unknown key{did_you_mean(key, keys)}")
         weights, plugins = d.get("weights") or {}, d.get("plugins") or []
         if not isinstance(weights, dict):
             raise ValueError(f"{prefix}.weights: must be a mapping of aspect name to weight, got {weights!r}")
@@ -143,13 +133,16 @@ class RewardConfig:
                 raise ValueError(f"{p}.plugins[{i}]: cannot import {name!r} ({type(e).__name__}: {e})") from e
         for name, w in self.weights.items():
             if name not in ASPECTS:
-                raise ValueError(f"{p}.weights.{name}: unknown aspect '{name}'{_did_you_mean(name, ASPECTS)}")
-            _check_number(f"{p}.weights.{name}", w, lambda v: True, "(finite)")
+                raise ValueError(f"{p}.weights.{name}: unknown aspect '{name}'{did_you_mean(name, ASPECTS)}")
+            if not _is_number(w) or not math.isfinite(w):
+                raise ValueError(f"{p}.weights.{name}: must be a number (finite), got {w!r}")
         if all(w == 0 for w in self.weights.values()):
             raise ValueError(f"{p}.weights: all weights are zero, the reward would be constant")
-        _check_choice(f"{p}.combine", self.combine, COMBINE_MODES)
-        _check_choice(f"{p}.accuracy_source", self.accuracy_source, ACCURACY_SOURCES)
-        _check_choice("data.answer_format", self.answer_format, ANSWER_FORMATS)
+        for key, value, options in ((f"{p}.combine", self.combine, COMBINE_MODES),
+                                    (f"{p}.accuracy_source", self.accuracy_source, ACCURACY_SOURCES),
+                                    ("data.answer_format", self.answer_format, ANSWER_FORMATS)):
+            if value not in options:
+                raise ValueError(f"{key}: {value!r} is not one of {options}{did_you_mean(value, options)}")
         if not isinstance(self.accuracy_requires_format, bool):
             raise ValueError(f"{p}.accuracy_requires_format: must be true or false, "
                              f"got {self.accuracy_requires_format!r}")
@@ -160,32 +153,15 @@ class RewardConfig:
             if self.accuracy_requires_format:
                 raise ValueError(f"{p}.accuracy_requires_format: must be false when data.answer_format is "
                                  f"{self.answer_format} (there is no format to require)")
-        _check_number(f"{p}.min_confidence", self.min_confidence, lambda v: 0 <= v <= 1, "in [0, 1]")
-        _check_number(f"{p}.rm_temperature", self.rm_temperature, lambda v: v > 0, "> 0")
-        _check_number(f"{p}.correct_threshold", self.correct_threshold, lambda v: 0 < v <= 1, "in (0, 1]")
-        _check_number(f"{p}.length_p_max", self.length_p_max, lambda v: v >= 0, "≥ 0")
-        _check_number(f"{p}.length_tau", self.length_tau, lambda v: v > 0, "> 0")
-        if self.overlong_max_len is not None:
-            _check_number(f"{p}.overlong_max_len", self.overlong_max_len, lambda v: v > 0, "> 0 (or null)", True)
-        _check_number(f"{p}.overlong_buffer", self.overlong_buffer, lambda v: v >= 0, "≥ 0", True)
+        rules = {f.name: f.metadata["rule"] for f in fields(self) if "rule" in f.metadata}
+        check_rules({name: getattr(self, name) for name in rules}, rules, prefix=f"{p}.")
         if self.overlong_max_len is not None and self.overlong_buffer > self.overlong_max_len:
             raise ValueError(f"{p}.overlong_buffer: {self.overlong_buffer} exceeds "
                              f"overlong_max_len {self.overlong_max_len}")
-        _check_number(f"{p}.norm_eps", self.norm_eps, lambda v: v > 0, "> 0")
-        _check_number(f"{p}.verifier_timeout_s", self.verifier_timeout_s, lambda v: v > 0, "> 0")
-        _check_number(f"{p}.workers", self.workers, lambda v: v >= 0, "≥ 0 (0 = serial)", True)
 
     def resolve(self, max_new_tokens: int) -> RewardConfig:
         """The config with overlong_max_len filled in from the rollout when the YAML left it null."""
-        return self if self.overlong_max_len is not None else dataclasses.replace(self, overlong_max_len=max_new_tokens)
-
-
-# ---------------------------------------------------------------------------------------------------- registries
-@dataclass(frozen=True)
-class Aspect:
-    name: str
-    fn: Callable  # group=False: (example, response, ctx) -> float;  group=True: (example, group) -> list[float]
-    group: bool
+        return self if self.overlong_max_len is not None else replace(self, overlong_max_len=max_new_tokens)
 
 
 @dataclass(frozen=True)
@@ -212,7 +188,7 @@ class Group:
     cfg: RewardConfig
 
 
-ASPECTS: dict[str, Aspect] = {}
+ASPECTS: dict[str, Callable[[Any, Group], list]] = {}  # name -> fn(example, group); per-response ones mapped over it
 
 
 def register_aspect(name: str, *, group: bool = False) -> Callable:
@@ -220,20 +196,22 @@ def register_aspect(name: str, *, group: bool = False) -> Callable:
     def add(fn: Callable) -> Callable:
         if name in ASPECTS:
             raise ValueError(f"aspect '{name}' is already registered")
-        ASPECTS[name] = Aspect(name, fn, group)
+
+        def each(example: Any, g: Group) -> list:
+            return [fn(example, r, Ctx(i, g.lengths[i], g.finish_reasons[i], g.accuracy[i], g.route[i], g.cfg))
+                    for i, r in enumerate(g.responses)]
+        ASPECTS[name] = fn if group else each
         return fn
     return add
 
 
-# ---------------------------------------------------------------------------------------------------- reading the text
 _TAG = re.compile(r"</?(?:think|answer)>", re.I | re.A)  # ASCII case only, as verifier.answer_block
 _THINK_BLOCK = re.compile(r"<think>.*?(</think>|\Z)", re.I | re.A | re.S)  # \Z: an unclosed block runs to the end,
 # and ends the search there (a lazy <think>.*?</think> alone is quadratic on "<think>" * 50_000)
 
 
 def format_ok(response: str, answer_format: str) -> bool:
-    """Whether the response has the shape `answer_format` (think_answer or boxed) asks for; see the module
-    docstring. Read with the verifier's parsers, so format 1 means the verifier finds the answer there."""
+    """Format 1 (module docstring), read with the verifier's parsers: the verifier finds the answer there."""
     if answer_format == "boxed":
         return bool((last_boxed(response) or "").strip())
     if answer_format != "think_answer":
@@ -246,44 +224,22 @@ def format_ok(response: str, answer_format: str) -> bool:
 
 
 def visible_text(response: str) -> str:
-    """What the user reads: the last answer block (`verifier.answer_block`), else the response without its
-    <think> blocks (tags in any ASCII case; an unclosed <think> hides everything after it)."""
+    """What the user reads (module docstring); tags in any ASCII case, an unclosed <think> hides all after it."""
     block = answer_block(response)
     if block is not None:
         return block
     return _THINK_BLOCK.sub(lambda m: " " if m[1] else "", response)  # a closed block leaves a word break
 
 
-# ---------------------------------------------------------------------------------------------------- constraints
-@dataclass(frozen=True)
-class Constraint:
-    check: Callable[[Any, str, dict], bool]  # (example, response, constraint) -> satisfied
-    value: tuple[str, Callable[[Any], bool]] | None  # (description, test) of the "value" parameter, if it takes one
-
-
-_COUNT = ("a non-negative integer", lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0)
-_TEXT = ("a non-empty string", lambda v: isinstance(v, str) and v.strip() != "")
+_COUNT: Rule = (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0), "must be a non-negative integer"
 _LETTER_RE = re.compile(r"\(?([A-Z])\)?\.?")
 _NUMBER_RE = re.compile(r"[-+]?(?:\d+(?:,\d{3})*(?:\.\d+)?|\.\d+)(?:[eE][-+]?\d+)?%?"
                         r"|[-+]?\d+\s*/\s*\d+|[-+]?\\[dt]?frac\{\d+\}\{\d+\}")
-_SCRIPTS = {
-    "latin": re.compile(r"[A-Za-z\u00C0-\u024F]"),
-    "cyrillic": re.compile(r"[\u0400-\u04FF]"),
-    "han": re.compile(r"[\u3400-\u4DBF\u4E00-\u9FFF]"),
-    "kana": re.compile(r"[\u3040-\u30FF]"),
-    "hangul": re.compile(r"[\u1100-\u11FF\uAC00-\uD7AF]"),
-}
-LANGUAGE_SCRIPTS = {"en": ("latin",), "fr": ("latin",), "de": ("latin",), "es": ("latin",), "ru": ("cyrillic",),
-                    "zh": ("han",), "ja": ("kana", "han"), "ko": ("hangul",)}
+_LATIN, _HAN = r"A-Za-z\u00C0-\u024F", r"\u3400-\u4DBF\u4E00-\u9FFF"
+_SCRIPT = {lang: re.compile(f"[{letters}]") for lang, letters in {  # language -> the letters of its script(s)
+    "en": _LATIN, "fr": _LATIN, "de": _LATIN, "es": _LATIN, "ru": r"\u0400-\u04FF", "zh": _HAN,
+    "ja": r"\u3040-\u30FF" + _HAN, "ko": r"\u1100-\u11FF\uAC00-\uD7AF"}.items()}
 _ANY_LETTER = re.compile(r"[^\W\d_]")
-
-
-def _words(response: str) -> int:
-    return len(visible_text(response).split())
-
-
-def _includes(response: str, c: dict) -> bool:
-    return c["value"].casefold() in visible_text(response).casefold()
 
 
 def _answer_is_choice_letter(example: Any, response: str, c: dict) -> bool:
@@ -299,20 +255,20 @@ def _answer_is_number(example: Any, response: str, c: dict) -> bool:
 def _language(example: Any, response: str, c: dict) -> bool:
     text = visible_text(response)
     letters = len(_ANY_LETTER.findall(text))
-    own = sum(len(_SCRIPTS[s].findall(text)) for s in LANGUAGE_SCRIPTS[c["value"]])
+    own = len(_SCRIPT[c["value"]].findall(text))
     # A majority, not all: Chinese math answers name their variables in Latin letters.
     return letters > 0 and own / letters > 0.5
 
 
-CONSTRAINT_KINDS: dict[str, Constraint] = {
-    "max_words": Constraint(lambda example, response, c: _words(response) <= c["value"], _COUNT),
-    "min_words": Constraint(lambda example, response, c: _words(response) >= c["value"], _COUNT),
-    "must_include": Constraint(lambda example, response, c: _includes(response, c), _TEXT),
-    "must_not_include": Constraint(lambda example, response, c: not _includes(response, c), _TEXT),
-    "answer_is_choice_letter": Constraint(_answer_is_choice_letter, None),
-    "answer_is_number": Constraint(_answer_is_number, None),
-    "language": Constraint(_language, (f"one of {sorted(LANGUAGE_SCRIPTS)}",
-                                       lambda v: isinstance(v, str) and v in LANGUAGE_SCRIPTS)),
+# kind -> (check(example, response, constraint) -> satisfied, the rule for its "value", None if it takes none)
+CONSTRAINT_KINDS: dict[str, tuple[Callable[[Any, str, dict], bool], Rule | None]] = {
+    "max_words": (lambda ex, r, c: len(visible_text(r).split()) <= c["value"], _COUNT),
+    "min_words": (lambda ex, r, c: len(visible_text(r).split()) >= c["value"], _COUNT),
+    "must_include": (lambda ex, r, c: c["value"].casefold() in visible_text(r).casefold(), NOT_EMPTY),
+    "must_not_include": (lambda ex, r, c: c["value"].casefold() not in visible_text(r).casefold(), NOT_EMPTY),
+    "answer_is_choice_letter": (_answer_is_choice_letter, None),
+    "answer_is_number": (_answer_is_number, None),
+    "language": (_language, one_of(*sorted(_SCRIPT))),
 }
 
 
@@ -322,50 +278,37 @@ def validate_constraint(c: dict) -> None:
         raise ValueError(f"constraint: must be a dict like {{'kind': 'max_words', 'value': 30}}, got {c!r}")
     kind = c.get("kind")
     if not isinstance(kind, str) or kind not in CONSTRAINT_KINDS:
-        raise ValueError(f"constraint.kind: unknown kind {kind!r}{_did_you_mean(kind, CONSTRAINT_KINDS)}; "
+        raise ValueError(f"constraint.kind: unknown kind {kind!r}{did_you_mean(kind, CONSTRAINT_KINDS)}; "
                          f"known: {', '.join(CONSTRAINT_KINDS)}")
-    spec = CONSTRAINT_KINDS[kind]
-    extra = sorted(set(c) - {"kind"} - ({"value"} if spec.value else set()))
+    rule = CONSTRAINT_KINDS[kind][1]
+    extra = sorted(set(c) - {"kind"} - ({"value"} if rule else set()))
     if extra:
         raise ValueError(f"constraint {kind}: unexpected key(s) {extra}")
-    if spec.value is not None:
-        what, ok = spec.value
-        if "value" not in c or not ok(c["value"]):
-            raise ValueError(f"constraint {kind}.value: must be {what}, got {c.get('value')!r}")
-
-
-# ---------------------------------------------------------------------------------------------------- hybrid accuracy
-def _sigmoid(x: float) -> float:
-    if x >= 0:
-        return 1.0 / (1.0 + math.exp(-x))
-    z = math.exp(x)  # this branch keeps exp from overflowing for very negative scores
-    return z / (1.0 + z)
+    if rule is not None:
+        check_rules(c, {"value": rule}, prefix=f"constraint {kind}.")
 
 
 def route_accuracy(task: str, verdict: Verdict | None, score: float | None, cfg: RewardConfig) -> tuple[float, str]:
     """(accuracy, route) of one response; the table in the module docstring, row by row."""
-    score = None if cfg.accuracy_source == "rule" else _finite(score)
+    model = None  # sigmoid(s / T), None when s is missing
+    if score is not None and cfg.accuracy_source != "rule":
+        try:
+            s = float(score)
+        except OverflowError:  # 10**400: no float holds it; like inf, it is no usable score
+            s = math.inf
+        if math.isfinite(s):
+            x = s / cfg.rm_temperature  # two branches, so that exp cannot overflow on a very negative score
+            model = 1.0 / (1.0 + math.exp(-x)) if x >= 0 else math.exp(x) / (1.0 + math.exp(x))
     if task == "open" or cfg.accuracy_source == "model":
-        return (_sigmoid(score / cfg.rm_temperature), "model") if score is not None else (0.0, "none")
+        return (model, "model") if model is not None else (0.0, "none")
     c = verdict.confidence
     if c > 0 and c >= cfg.min_confidence:
         return float(verdict.correct), "rule"
-    if score is not None:
-        return _sigmoid(score / cfg.rm_temperature), "model"
+    if model is not None:
+        return model, "model"
     if c > 0:
         return float(verdict.correct), "rule_low_confidence"
     return 0.0, "none"
-
-
-def _finite(score: float | None) -> float | None:
-    """The score as a finite float, or None when it is missing: None, NaN, ±inf or an int beyond float range."""
-    if score is None:
-        return None
-    try:
-        x = float(score)
-    except OverflowError:  # 10**400: no float holds it; like inf, it is no usable score
-        return None
-    return x if math.isfinite(x) else None
 
 
 def _task(example: Any) -> str:
@@ -382,23 +325,15 @@ def _gold(example: Any) -> str:
     return "" if answer is None else str(answer)  # "" is an unparseable gold: the verifier says so, c = 0
 
 
-# ---------------------------------------------------------------------------------------------------- built-in aspects
-@register_aspect("accuracy", group=True)
-def accuracy(example: Any, group: Group) -> list[float]:
-    return list(group.accuracy)
-
-
-@register_aspect("format")
-def format_reward(example: Any, response: str, ctx: Ctx) -> float:
-    return float(format_ok(response, ctx.cfg.answer_format))
+register_aspect("accuracy", group=True)(lambda example, group: list(group.accuracy))  # routed and gated already
+register_aspect("format")(lambda example, response, ctx: float(format_ok(response, ctx.cfg.answer_format)))
 
 
 @register_aspect("instruction")
 def instruction(example: Any, response: str, ctx: Ctx) -> float:
     constraints = getattr(example, "constraints", None) or []
-    if not constraints:
-        return 1.0
-    return sum(CONSTRAINT_KINDS[c["kind"]].check(example, response, c) for c in constraints) / len(constraints)
+    satisfied = sum(CONSTRAINT_KINDS[c["kind"]][0](example, response, c) for c in constraints)
+    return satisfied / len(constraints) if constraints else 1.0
 
 
 @register_aspect("length", group=True)
@@ -427,7 +362,6 @@ def overlong_penalty(example: Any, response: str, ctx: Ctx) -> float:
     return (l_max - buf - n) / buf
 
 
-# ---------------------------------------------------------------------------------------------------- scoring
 @dataclass
 class GroupRewards:
     total: list[float]  # (G,) the combined reward
@@ -440,21 +374,6 @@ def _is_number(v: Any) -> bool:
     return type(v) in (float, int) or (isinstance(v, Real) and not isinstance(v, bool))
 
 
-def _check_scores(scores: list, n: int) -> None:
-    """Reward-model scores come from the user's model: say which entry is wrong rather than mis-zip them."""
-    if len(scores) != n:
-        raise ValueError(f"model_scores: expected {n} entries (one per response), got {len(scores)}")
-    for i, v in enumerate(scores):
-        if v is not None and not _is_number(v):
-            raise ValueError(f"model_scores[{i}]: must be a number or None, got {v!r:.80}")
-
-
-def _normalize(xs: list[float], eps: float) -> list[float]:
-    mean = sum(xs) / len(xs)
-    std = math.sqrt(sum((x - mean) ** 2 for x in xs) / len(xs))  # population std: G is the whole group
-    return [(x - mean) / (std + eps) for x in xs]
-
-
 def combine(breakdown: dict[str, list[float]], cfg: RewardConfig) -> list[float]:
     n = len(next(iter(breakdown.values())))
     total = [0.0] * n
@@ -463,7 +382,9 @@ def combine(breakdown: dict[str, list[float]], cfg: RewardConfig) -> list[float]
         if w == 0:
             continue
         if cfg.combine == "normalize_then_sum":
-            values = _normalize(values, cfg.norm_eps)
+            mean = sum(values) / n
+            std = math.sqrt(sum((x - mean) ** 2 for x in values) / n)  # population std: G is the whole group
+            values = [(x - mean) / (std + cfg.norm_eps) for x in values]
         total = [t + w * v for t, v in zip(total, values)]
     return total
 
@@ -471,13 +392,16 @@ def combine(breakdown: dict[str, list[float]], cfg: RewardConfig) -> list[float]
 def score_group(example: Any, responses: Sequence[str], *, lengths: Sequence[int], finish_reasons: Sequence[str],
                 model_scores: Sequence[float | None] | None = None, cfg: RewardConfig,
                 verdicts: Sequence[Verdict] | None = None) -> GroupRewards:
-    """Score the G responses to one prompt. `verdicts` (one per response) skips the verifier: score_batch
-    passes verdicts computed in parallel, tests pass hand-made ones. The trainer builds responses, lengths and
-    finish reasons itself (asserted); the example, model scores and user aspects are checked with clear errors."""
+    """Score the G responses to one prompt; `verdicts` (one per response, as score_batch computes them) skips the
+    verifier. Responses, lengths and finish reasons are the trainer's (asserted); the rest is checked by name."""
     n = len(responses)
     assert n > 0 and len(lengths) == n and len(finish_reasons) == n, (n, len(lengths), len(finish_reasons))
     scores = [None] * n if model_scores is None else list(model_scores)
-    _check_scores(scores, n)
+    if len(scores) != n:  # the user's reward model: say which entry is wrong rather than mis-zip them
+        raise ValueError(f"model_scores: expected {n} entries (one per response), got {len(scores)}")
+    for i, v in enumerate(scores):
+        if v is not None and not _is_number(v):
+            raise ValueError(f"model_scores[{i}]: must be a number or None, got {v!r:.80}")
     task = _task(example)
     if cfg.weights.get("instruction", 0) != 0:
         for c in getattr(example, "constraints", None) or []:
@@ -497,12 +421,7 @@ def score_group(example: Any, responses: Sequence[str], *, lengths: Sequence[int
 
     breakdown: dict[str, list[float]] = {}
     for name in ["accuracy"] + [a for a, w in cfg.weights.items() if w != 0 and a != "accuracy"]:
-        aspect = ASPECTS[name]
-        if aspect.group:
-            values = aspect.fn(example, group)
-        else:
-            values = [aspect.fn(example, r, Ctx(i, lengths[i], finish_reasons[i], acc[i], route[i], cfg))
-                      for i, r in enumerate(responses)]
+        values = ASPECTS[name](example, group)
         # A NaN here would silently poison every advantage of the batch: fail loudly on a broken aspect.
         if len(values) != n:
             raise ValueError(f"aspect {name}: expected {n} values (one per response), got {len(values)}")
@@ -531,15 +450,12 @@ def score_batch(examples: Sequence[Any], groups: Sequence[Sequence[str]], *, len
              for ex, group, ok in zip(examples, groups, checked) if ok for r in group]
     verdicts = iter(verify_batch(items, workers=cfg.workers if workers is None else workers,
                                  timeout_s=cfg.verifier_timeout_s))
-    out = []
-    for k, (ex, group) in enumerate(zip(examples, groups)):
-        out.append(score_group(ex, group, lengths=lengths[k], finish_reasons=finish_reasons[k],
-                               model_scores=None if model_scores is None else model_scores[k], cfg=cfg,
-                               verdicts=[next(verdicts) for _ in group] if checked[k] else None))
-    return out
+    return [score_group(ex, group, lengths=lengths[k], finish_reasons=finish_reasons[k],
+                        model_scores=None if model_scores is None else model_scores[k], cfg=cfg,
+                        verdicts=[next(verdicts) for _ in group] if checked[k] else None)
+            for k, (ex, group) in enumerate(zip(examples, groups))]
 
 
-# ---------------------------------------------------------------------------------------------------- logging
 def route_counts(groups: Sequence[GroupRewards]) -> dict[str, int]:
     """Responses per accuracy route over a batch; every route present, so log keys stay stable."""
     return {**dict.fromkeys(ROUTES, 0), **Counter(r for g in groups for r in g.route)}
