@@ -121,7 +121,7 @@ def check_rules(values: dict[str, Any], rules: dict[str, Rule], prefix: str = ""
         value = values.get(key)
         try:
             good = ok(value)
-        except TypeError:  # None, or a list where a number belongs
+        except (TypeError, OverflowError):  # None or a list where a number belongs; an int no float holds
             good = False
         if not good:
             raise ValueError(f"{prefix}{key}: {requirement}, got {value!r}")

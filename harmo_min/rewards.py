@@ -56,7 +56,7 @@ import re
 from collections import Counter
 from dataclasses import dataclass, field, fields, replace
 from numbers import Integral, Real
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 from harmo_min.config import NOT_EMPTY, Rule, check_rules, did_you_mean, one_of
 from harmo_min.verifier import Verdict, answer_block, extract_answer, last_boxed, verify, verify_batch
@@ -134,7 +134,7 @@ class RewardConfig:
         for name, w in self.weights.items():
             if name not in ASPECTS:
                 raise ValueError(f"{p}.weights.{name}: unknown aspect '{name}'{did_you_mean(name, ASPECTS)}")
-            if not _is_number(w) or not math.isfinite(w):
+            if not _is_number(w) or _finite(w) is None:
                 raise ValueError(f"{p}.weights.{name}: must be a number (finite), got {w!r}")
         if all(w == 0 for w in self.weights.values()):
             raise ValueError(f"{p}.weights: all weights are zero, the reward would be constant")
@@ -260,15 +260,20 @@ def _language(example: Any, response: str, c: dict) -> bool:
     return letters > 0 and own / letters > 0.5
 
 
-# kind -> (check(example, response, constraint) -> satisfied, the rule for its "value", None if it takes none)
-CONSTRAINT_KINDS: dict[str, tuple[Callable[[Any, str, dict], bool], Rule | None]] = {
-    "max_words": (lambda ex, r, c: len(visible_text(r).split()) <= c["value"], _COUNT),
-    "min_words": (lambda ex, r, c: len(visible_text(r).split()) >= c["value"], _COUNT),
-    "must_include": (lambda ex, r, c: c["value"].casefold() in visible_text(r).casefold(), NOT_EMPTY),
-    "must_not_include": (lambda ex, r, c: c["value"].casefold() not in visible_text(r).casefold(), NOT_EMPTY),
-    "answer_is_choice_letter": (_answer_is_choice_letter, None),
-    "answer_is_number": (_answer_is_number, None),
-    "language": (_language, one_of(*sorted(_SCRIPT))),
+class Constraint(NamedTuple):
+    check: Callable[[Any, str, dict], bool]  # (example, response, constraint) -> satisfied
+    rule: Rule | None  # what its "value" must be; None: it takes no value
+
+
+CONSTRAINT_KINDS: dict[str, Constraint] = {
+    "max_words": Constraint(lambda ex, r, c: len(visible_text(r).split()) <= c["value"], _COUNT),
+    "min_words": Constraint(lambda ex, r, c: len(visible_text(r).split()) >= c["value"], _COUNT),
+    "must_include": Constraint(lambda ex, r, c: c["value"].casefold() in visible_text(r).casefold(), NOT_EMPTY),
+    "must_not_include": Constraint(lambda ex, r, c: c["value"].casefold() not in visible_text(r).casefold(),
+                                   NOT_EMPTY),
+    "answer_is_choice_letter": Constraint(_answer_is_choice_letter, None),
+    "answer_is_number": Constraint(_answer_is_number, None),
+    "language": Constraint(_language, one_of(*sorted(_SCRIPT))),
 }
 
 
@@ -280,7 +285,7 @@ def validate_constraint(c: dict) -> None:
     if not isinstance(kind, str) or kind not in CONSTRAINT_KINDS:
         raise ValueError(f"constraint.kind: unknown kind {kind!r}{did_you_mean(kind, CONSTRAINT_KINDS)}; "
                          f"known: {', '.join(CONSTRAINT_KINDS)}")
-    rule = CONSTRAINT_KINDS[kind][1]
+    rule = CONSTRAINT_KINDS[kind].rule
     extra = sorted(set(c) - {"kind"} - ({"value"} if rule else set()))
     if extra:
         raise ValueError(f"constraint {kind}: unexpected key(s) {extra}")
@@ -290,15 +295,8 @@ def validate_constraint(c: dict) -> None:
 
 def route_accuracy(task: str, verdict: Verdict | None, score: float | None, cfg: RewardConfig) -> tuple[float, str]:
     """(accuracy, route) of one response; the table in the module docstring, row by row."""
-    model = None  # sigmoid(s / T), None when s is missing
-    if score is not None and cfg.accuracy_source != "rule":
-        try:
-            s = float(score)
-        except OverflowError:  # 10**400: no float holds it; like inf, it is no usable score
-            s = math.inf
-        if math.isfinite(s):
-            x = s / cfg.rm_temperature  # two branches, so that exp cannot overflow on a very negative score
-            model = 1.0 / (1.0 + math.exp(-x)) if x >= 0 else math.exp(x) / (1.0 + math.exp(x))
+    s = None if cfg.accuracy_source == "rule" else _finite(score)
+    model = None if s is None else _sigmoid(s / cfg.rm_temperature)
     if task == "open" or cfg.accuracy_source == "model":
         return (model, "model") if model is not None else (0.0, "none")
     c = verdict.confidence
@@ -309,6 +307,21 @@ def route_accuracy(task: str, verdict: Verdict | None, score: float | None, cfg:
     if c > 0:
         return float(verdict.correct), "rule_low_confidence"
     return 0.0, "none"
+
+
+def _finite(score: float | None) -> float | None:
+    """The score as a finite float, or None when it is missing: None, NaN, ±inf or an int beyond float range."""
+    try:
+        x = None if score is None else float(score)
+    except OverflowError:  # 10**400: no float holds it; like inf, it is no usable score
+        return None
+    return x if x is not None and math.isfinite(x) else None
+
+
+def _sigmoid(x: float) -> float:
+    if x >= 0:
+        return 1.0 / (1.0 + math.exp(-x))
+    return math.exp(x) / (1.0 + math.exp(x))  # this branch keeps exp from overflowing on a very negative score
 
 
 def _task(example: Any) -> str:
@@ -325,14 +338,20 @@ def _gold(example: Any) -> str:
     return "" if answer is None else str(answer)  # "" is an unparseable gold: the verifier says so, c = 0
 
 
-register_aspect("accuracy", group=True)(lambda example, group: list(group.accuracy))  # routed and gated already
-register_aspect("format")(lambda example, response, ctx: float(format_ok(response, ctx.cfg.answer_format)))
+@register_aspect("accuracy", group=True)
+def accuracy(example: Any, group: Group) -> list[float]:
+    return list(group.accuracy)  # routed, and gated by the format when accuracy_requires_format
+
+
+@register_aspect("format")
+def format_reward(example: Any, response: str, ctx: Ctx) -> float:
+    return float(format_ok(response, ctx.cfg.answer_format))
 
 
 @register_aspect("instruction")
 def instruction(example: Any, response: str, ctx: Ctx) -> float:
     constraints = getattr(example, "constraints", None) or []
-    satisfied = sum(CONSTRAINT_KINDS[c["kind"]][0](example, response, c) for c in constraints)
+    satisfied = sum(CONSTRAINT_KINDS[c["kind"]].check(example, response, c) for c in constraints)
     return satisfied / len(constraints) if constraints else 1.0
 
 

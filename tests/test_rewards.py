@@ -115,6 +115,8 @@ def test_from_dict_overrides_weights_one_by_one():
     ({"norm_eps": 0}, "reward.norm_eps: must be a number > 0"),
     ({"verifier_timeout_s": 0}, "reward.verifier_timeout_s: must be a number > 0"),
     ({"workers": -2}, "reward.workers: must be an integer ≥ 0"),
+    ({"min_confidence": 10**400}, "reward.min_confidence: must be a number in [0, 1], got 1000"),  # no float holds it
+    ({"weights": {"format": -10**400}}, "reward.weights.format: must be a number (finite), got -1000"),
     ("not a dict", "reward: must be a mapping"),
 ])
 def test_config_errors_name_the_full_key(d, message):
