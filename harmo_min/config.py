@@ -81,9 +81,15 @@ def parse_overrides(overrides: list[str]) -> dict:
             raise ValueError(f"override {item!r}: expected key.path=value")
         node = tree
         *parents, leaf = key.strip().split(".")
-        for p in parents:
+        for i, p in enumerate(parents):
             node = node.setdefault(p, {})
-        node[leaf] = yaml.safe_load(raw) if raw.strip() else None
+            if not isinstance(node, dict):
+                raise ValueError(f"override {item!r}: {'.'.join(parents[:i + 1])} is a value (set by an earlier "
+                                 "override), not a section")
+        try:
+            node[leaf] = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError:
+            raise ValueError(f"override {item!r}: not a YAML value") from None
     return tree
 
 

@@ -114,7 +114,8 @@ class RewardConfig:
                                  f"is data.answer_format, one of {ANSWER_FORMATS}")
             if key not in keys:
                 raise ValueError(f"{prefix}.{key}: unknown key{did_you_mean(key, keys)}")
-        weights, plugins = d.get("weights") or {}, d.get("plugins") or []
+        weights = {} if d.get("weights") is None else d["weights"]  # `weights:` left empty: the defaults
+        plugins = [] if d.get("plugins") is None else d["plugins"]
         if not isinstance(weights, dict):
             raise ValueError(f"{prefix}.weights: must be a mapping of aspect name to weight, got {weights!r}")
         if not isinstance(plugins, (list, tuple)):

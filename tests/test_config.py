@@ -1,5 +1,7 @@
 """Config loading: YAML + dotted overrides, unknown keys named with the nearest valid one, types checked."""
 
+import re
+
 import pytest
 
 import train
@@ -75,3 +77,13 @@ def test_flags_may_follow_the_overrides():
 
     args = parse_run_args(["--config", "x.yaml", "a.b=1", "--overwrite", "c=2"], description="", default_config="d")
     assert args.overwrite and args.overrides == ["a.b=1", "c=2"] and args.config == "x.yaml"
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["optim.lr=1", "optim.lr.x=2"], "override 'optim.lr.x=2': optim.lr is a value (set by an earlier override), "
+                                     "not a section"),
+    (["rollout.n=[1,"], "override 'rollout.n=[1,': not a YAML value"),
+])
+def test_overrides_that_cannot_be_read_are_named(overrides, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        parse_overrides(overrides)

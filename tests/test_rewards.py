@@ -100,6 +100,8 @@ def test_from_dict_overrides_weights_one_by_one():
     ({"accuracy_source": "rules"}, "reward.accuracy_source: 'rules' is not one of ('hybrid', 'rule', 'model') "
                                    "(did you mean 'rule'?)"),
     ({"plugins": "my_rewards"}, "reward.plugins: must be a list of module names, got 'my_rewards'"),
+    ({"plugins": ""}, "reward.plugins: must be a list of module names, got ''"),  # not the default list
+    ({"weights": []}, "reward.weights: must be a mapping of aspect name to weight, got []"),
     ({"plugins": ["harmo_min.verifier", ""]}, "reward.plugins[1]: must be a module name such as my_rewards"),
     ({"plugins": ["no_such_module_for_harmo"]}, "reward.plugins[0]: cannot import 'no_such_module_for_harmo' "
                                                 "(ModuleNotFoundError: No module named 'no_such_module_for_harmo')"),
