@@ -27,11 +27,8 @@ of that aspect). The training loop is train_reward_model.py.
 model (K = 1, aspect "score"). **Under FSDP2** (`distributed.apply_fsdp` shards `rm.model` like a policy's, the
 head and gate go with the root) every rank must run the same sharded units the same number of times: `score` pads
 every rank to the largest number of batches, and every forward runs the vision tower (`model.encoded_images`).
-
 Left out: long-response truncation (the whole sequence is scored), video, reward ensembles, listwise losses.
 """
-
-from __future__ import annotations
 
 import json
 import math
@@ -236,8 +233,8 @@ class RewardModel(nn.Module):
             self.model.save_pretrained(out, state_dict=backbone)
             self.processor.save_pretrained(out)
             save_file(head, str(out / HEAD_FILE), metadata={"format": "pt"})
-            config = {"format": "harmo_min.reward_model", **asdict(self.config)}
-            (out / CONFIG_FILE).write_text(json.dumps(config, indent=2))
+            head_config = {"format": "harmo_min.reward_model", **asdict(self.config)}
+            (out / CONFIG_FILE).write_text(json.dumps(head_config, indent=2))
         if sharded:
             dist.barrier()
         return out
@@ -248,8 +245,8 @@ class RewardModel(nn.Module):
         """Load a folder saved by `save_pretrained`, or one in the Skywork-VL-Reward layout; eval mode, frozen."""
         folder = Path(path).expanduser()
         if not folder.is_dir():
-            raise FileNotFoundError(f"reward model {str(path)!r}: no such folder (reward models load from local "
-                                    "folders)")
+            raise FileNotFoundError(f"reward model {str(path)!r}: no such folder "
+                                    "(reward models load from local folders)")
         if (folder / CONFIG_FILE).is_file():
             raw = json.loads((folder / CONFIG_FILE).read_text())
             raw.pop("format", None)
@@ -260,8 +257,8 @@ class RewardModel(nn.Module):
             tensors = load_file(str(file))
             absent = [k for k in SKYWORK_KEYS if k not in tensors]
             if absent:
-                raise ValueError(f"{file}: missing {absent}; found {sorted(tensors)} (expected the TRL value-head "
-                                 "layout)")
+                raise ValueError(f"{file}: missing {absent}; found {sorted(tensors)} "
+                                 "(expected the TRL value-head layout)")
             weight, bias = tensors[SKYWORK_KEYS[0]], tensors[SKYWORK_KEYS[1]]
             if weight.dim() != 2 or weight.shape[0] != 1 or bias.shape != (1,):
                 raise ValueError(f"{file}: expected {SKYWORK_KEYS[0]} (1, H) and {SKYWORK_KEYS[1]} (1,), "
