@@ -4,8 +4,6 @@
     demos = synthetic_demonstrations(64, seed=0, kinds=("count", "choice"))     # list[(Example, response)]
     pairs = synthetic_pairs(64, seed=0, kinds=("colour", "describe"))            # list[data.PreferencePair]
 
-Every task is deterministic for a seed (the same seed gives the same examples, pixels, demonstrations and pairs).
-
 **Tasks** (`TASK_KINDS`). Verifiable, checked by the rule verifier: `count` (how many circles / squares /
 triangles: 1-4 shapes of one kind, random colours, in the cells of a 2 x 2 grid), `digits` (read one bold digit,
 0-4), `arithmetic` (add two of them), `choice` (the colour of a shape, as an option letter (A)-(D) listed in one
@@ -15,33 +13,29 @@ notes a careful reader takes from the image, one item at a time (`count`: every 
 circle, empty, empty, blue circle"; `arithmetic`: "3 + 4"; `choice` / `colour`: "blue square"), or for `describe`
 the full description "The image shows a red circle on white.".
 
-**Demonstrations** (the supervised warm-up's data, `demonstration`): a response written the way an instruct
-model answers, in one of three styles:
+**Demonstrations** (the supervised warm-up's data) answer the way an instruct model does, in one of three `STYLES`:
 
-    reason       <think>{notes}</think><answer>{answer}</answer>      the notes do the work: the cells named one
-                                                                       by one before the count, each digit read
-                                                                       before the sum, the colour before its letter
-    direct       <think></think><answer>{answer}</answer>             a guess without reasoning (short, right
-                                                                       format: it can win a group now and then)
-    unformatted  {answer}                                             no tags: the format reward's job
+    reason       <think>{notes}</think><answer>{answer}</answer>   the notes do the work (the cells named before
+                                                                   the count, each digit before the sum)
+    direct       <think></think><answer>{answer}</answer>          a guess (short, right format: it can win a group)
+    unformatted  {answer}                                          no tags: the format reward's job
 
-plus two instruction slips an instruct model makes: answering a multiple-choice item with the option's text
-("blue": correct, but not a letter) and describing verbosely ("The image shows a red circle on white.", 8
-words) instead of briefly ("a red circle"). The share of each is a warm-up setting.
+plus two instruction slips: a multiple-choice item answered with the option's text ("blue": correct, but not a
+letter), the verbose description (8 words) instead of the brief one ("a red circle"). Each share is a warm-up setting.
 
-**Preference pairs** (the reward-model stage's data, `synthetic_pairs`), responses in the demonstrations' style:
-"correctness" (verifiable kinds): the right answer beats a wrong one whose notes misread the image and reason
-consistently from there (only the image tells them apart);
-"format": the right answer in tags beats the same answer without them; "faithfulness" (`describe`): the
-description beats one naming a shape that was not drawn (another colour, another shape, or both);
-"helpfulness" (`describe`): the description beats one that leaves out the colour or the shape, or answers another
-task ("a square", "3").
+**Preference pairs** (the reward-model stage's data): responses written like `reason` demonstrations, so the
+reward model learns on text that looks like the policy's. "correctness": the right answer beats a wrong one whose
+notes misread the image and reason consistently from there (only the image tells them apart); "format" (half of
+the verifiable items when the format has tags): the right answer in tags beats "The answer is {answer}";
+"faithfulness" (half of `describe`): the description, brief or verbose, beats one naming a shape that was not
+drawn (another colour, shape, or both); "helpfulness": it beats one that leaves out the colour or the shape, or
+answers another task ("a square", "3"). Except for "format", both sides share the answer format and style.
 
 `TASK_VOCABULARY` is everything prompts and responses say: the tiny tokenizer (model.py) is trained on it, so
-colour and shape words are single tokens. Left out: overlapping shapes, real fonts, more than one image per item.
+colour and shape words are single tokens. Every draw (examples, pixels, demonstrations, pairs) is deterministic for
+a seed. Left out: overlapping shapes, real fonts, more than one image per item; why the world is this small is in
+benchmarks/RESULTS.md ("What did not work on the way").
 """
-
-from __future__ import annotations
 
 import random
 import re
@@ -55,14 +49,11 @@ COLOURS = {"red": (220, 30, 30), "green": (30, 170, 60), "blue": (30, 60, 220), 
 SHAPES = ("circle", "square", "triangle")
 TASK_KINDS = ("count", "digits", "arithmetic", "choice", "colour", "describe")
 STYLES = ("reason", "direct", "unformatted")
-# Digits drawn for `digits` and `arithmetic`: five glyphs and 25 sums are what the tiny model learns to read and
-# add within a warm-up of seconds; with 0-9 it read neither digit of a sum right 80 % of the time after 600 steps.
-DIGITS = range(5)
+DIGITS = range(5)  # with 0-9, after 600 warm-up steps the tiny model read both digits of a sum wrong 80 % of the time
 DESCRIBE_MAX_WORDS = 7  # the brief description fits (3 words: "a red circle"); the verbose one does not (8)
 
 _OBJECTS = [f"{c} {s}" for c in COLOURS for s in SHAPES]
-# Words the synthetic prompts and responses use; the tiny tokenizer is trained on them (model.py). Whole phrases,
-# so that byte-pair merges make " red", " circle", " shows" single tokens.
+# Whole phrases, so that byte-pair merges make " red", " circle", " shows" single tokens.
 TASK_VOCABULARY = (
     [f"How many {s}s are in the image?" for s in SHAPES]
     + ["What number is written in the image?", "What is the sum of the two numbers in the image?",
@@ -80,33 +71,26 @@ TASK_VOCABULARY = (
 )
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Tasks
-# ---------------------------------------------------------------------------------------------------------------
-
 def make_example(kind: str, rng: random.Random, index: int, *, size: int = 112) -> Example:
     """One synthetic example of `kind` (one of TASK_KINDS), drawn from `rng`; `reference` holds the notes."""
     uid = f"{kind}-{index}"
+    image = Image.new("RGB", (size, size), (255, 255, 255))
+    draw = ImageDraw.Draw(image)
     if kind == "count":
-        # 1-4 shapes of one kind in the cells of a 2 x 2 grid; the notes name every cell in reading order.
         shape, n = rng.choice(SHAPES), rng.randint(1, 4)
-        image, draw = _canvas(size)
-        filled = set(rng.sample(range(4), n))
-        named = []
-        for cell, box in enumerate(_grid(size, 2)):
-            if cell in filled:
-                colour = rng.choice(list(COLOURS))
-                _draw_shape(draw, shape, box, COLOURS[colour])
-                named.append(f"{colour} {shape}")
-            else:
-                named.append("empty")
+        # The cells of a 2 x 2 grid in reading order, padded so that shapes in neighbouring cells never touch.
+        cell, named = size // 2, ["empty"] * 4
+        pad = cell // 6
+        for i in sorted(rng.sample(range(4), n)):
+            colour = rng.choice(list(COLOURS))
+            box = (i % 2 * cell + pad, i // 2 * cell + pad, (i % 2 + 1) * cell - pad, (i // 2 + 1) * cell - pad)
+            _draw_shape(draw, shape, box, COLOURS[colour])
+            named[i] = f"{colour} {shape}"
         return Example(uid, problem=f"How many {shape}s are in the image?", images=[image], answer=str(n),
                        reference=", ".join(named))
     if kind in ("digits", "arithmetic"):
         a, b = rng.choice(DIGITS), rng.choice(DIGITS)
-        image, draw = _canvas(size)
-        # Large and bold: a thin 37 px glyph is a few pixels of a 28 px visual token, which the tiny vision tower
-        # did not learn to read in 600 warm-up steps; one digit per half of the image is one it can.
+        # Large and bold, one digit per half of the image: the tiny vision tower does not learn to read thin glyphs.
         for x, digit in ((0, a),) if kind == "digits" else ((0, a), (size // 2, b)):
             draw.text((x + size // 10, size // 5), str(digit), fill=(0, 0, 0), font_size=size // 2,
                       stroke_width=size // 28, stroke_fill=(0, 0, 0))
@@ -116,11 +100,8 @@ def make_example(kind: str, rng: random.Random, index: int, *, size: int = 112) 
         return Example(uid, problem="What is the sum of the two numbers in the image?", images=[image],
                        answer=str(a + b), reference=f"{a} + {b}")
     if kind in ("choice", "colour", "describe"):
-        # One shape filling the image. (For describe: with two or three the warm-up policy named them right about
-        # a fifth of the time and the tiny reward model could not tell its near misses from faithful descriptions,
-        # correlation 0.19.)
+        # One shape: with two or three, the tiny reward model could not tell near misses from faithful descriptions.
         colour, shape = rng.choice(list(COLOURS)), rng.choice(SHAPES)
-        image, draw = _canvas(size)
         _draw_shape(draw, shape, (size // 8, size // 8, size - size // 8, size - size // 8), COLOURS[colour])
         if kind == "colour":
             return Example(uid, problem="What colour is the shape?", images=[image], answer=colour,
@@ -129,9 +110,7 @@ def make_example(kind: str, rng: random.Random, index: int, *, size: int = 112) 
             reference = f"The image shows a {colour} {shape} on white."
             return Example(uid, problem=f"Describe the image in at most {DESCRIBE_MAX_WORDS} words.", images=[image],
                            reference=reference, constraints=[{"kind": "max_words", "value": DESCRIBE_MAX_WORDS}])
-        # Options in one fixed order: with shuffled options the letter is a lookup in the prompt (an induction
-        # head) that the 2-layer tiny model had not learned after 600 warm-up steps (accuracy 0.26, chance 0.25,
-        # while it named the colour right every time).
+        # Options in one fixed order: shuffled, the letter is a lookup in the prompt the tiny model does not learn.
         options = list(COLOURS)
         listed = " ".join(f"({'ABCD'[i]}) {o}" for i, o in enumerate(options))
         return Example(
@@ -142,8 +121,18 @@ def make_example(kind: str, rng: random.Random, index: int, *, size: int = 112) 
     raise ValueError(f"unknown synthetic task kind {kind!r}; expected one of {TASK_KINDS}")
 
 
+def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, box: tuple[int, int, int, int], colour) -> None:
+    x0, y0, x1, y1 = box
+    if shape == "circle":
+        draw.ellipse(box, fill=colour)
+    elif shape == "square":
+        draw.rectangle(box, fill=colour)
+    else:
+        draw.polygon([((x0 + x1) // 2, y0), (x1, y1), (x0, y1)], fill=colour)
+
+
 def synthetic_examples(n: int, *, seed: int = 0, kinds: tuple[str, ...] = TASK_KINDS, size: int = 112) -> list[Example]:
-    """`n` synthetic examples cycling through `kinds`; the same seed gives the same examples and pixels."""
+    """`n` synthetic examples cycling through `kinds`."""
     unknown = [k for k in kinds if k not in TASK_KINDS]
     if unknown:
         raise ValueError(f"data.kinds: unknown synthetic task kind(s) {unknown}; expected some of {list(TASK_KINDS)}")
@@ -163,13 +152,8 @@ def kind_of(example: Example) -> str:
 
 def described_objects(text: str) -> list[tuple[str, str]]:
     """The (colour, shape) pairs a description names, in order: "a red circle, a blue square" -> 2 objects."""
-    pattern = rf"\b({'|'.join(COLOURS)}) ({'|'.join(SHAPES)})\b"
-    return re.findall(pattern, text)
+    return re.findall(rf"\b({'|'.join(COLOURS)}) ({'|'.join(SHAPES)})\b", text)
 
-
-# ---------------------------------------------------------------------------------------------------------------
-# Demonstrations (warm-up data)
-# ---------------------------------------------------------------------------------------------------------------
 
 def notes(example: Example) -> str:
     """The reasoning of a `reason` demonstration: what the image shows, one item at a time."""
@@ -179,68 +163,41 @@ def notes(example: Example) -> str:
 
 
 def final_answer(example: Example, *, choice_text: bool = False, verbose: bool = False) -> str:
-    """The answer block's content. `choice_text`: the option's colour instead of its letter (still correct for the
-    verifier, against the item's instruction). `verbose`: the full description instead of the brief one."""
+    """The answer block's content; `choice_text` and `verbose` are the two instruction slips."""
     if kind_of(example) == "describe":
-        if verbose:
-            return example.reference
-        return ", ".join(f"a {c} {s}" for c, s in described_objects(example.reference))
+        brief = ", ".join(f"a {c} {s}" for c, s in described_objects(example.reference))
+        return example.reference if verbose else brief
     if choice_text and example.choices:
         return example.choices["ABCD".index(example.answer)]
     return example.answer
 
 
-def demonstration(example: Example, style: str = "reason", **answer_kw) -> str:
-    """One response to `example` in `style` (see the module docstring); `answer_kw` go to `final_answer`."""
-    answer = final_answer(example, **answer_kw)
-    if style == "reason":
-        return f"<think>{notes(example)}</think><answer>{answer}</answer>"
-    if style == "direct":
-        return f"<think></think><answer>{answer}</answer>"
-    if style == "unformatted":
-        return answer
-    raise ValueError(f"demonstration style: unknown {style!r}; expected one of {STYLES}")
-
-
-def synthetic_demonstrations(n: int, *, seed: int = 0, kinds: Sequence[str] = TASK_KINDS, size: int = 112,
-                             styles: dict[str, float] | None = None, choice_text: float = 0.0,
-                             verbose: float = 0.0) -> list[tuple[Example, str]]:
-    """`n` (example, response) pairs over `synthetic_examples(n, seed, kinds)`; deterministic for a seed.
-
-    `styles` gives each style's share (normalised; default all `reason`); `choice_text` and `verbose` are the
-    chances of the two instruction slips on the items they apply to.
-    """
-    styles = styles or {"reason": 1.0}
-    unknown = [s for s in styles if s not in STYLES]
-    if unknown or any(not isinstance(w, (int, float)) or w < 0 for w in styles.values()) or sum(styles.values()) <= 0:
-        raise ValueError(f"data.styles: need non-negative shares of {list(STYLES)} with a positive sum, got {styles}")
-    for key, p in (("choice_text", choice_text), ("verbose", verbose)):
-        if not 0 <= p <= 1:
-            raise ValueError(f"data.{key}: must be a probability in [0, 1], got {p!r}")
-    rng = random.Random(seed + 2)  # the examples use `seed`, the pairs seed + 1: three independent streams
-    names, weights = list(styles), list(styles.values())
-    demos = []
-    for ex in synthetic_examples(n, seed=seed, kinds=tuple(kinds), size=size):
-        style = rng.choices(names, weights)[0]
-        slips = {"choice_text": rng.random() < choice_text, "verbose": rng.random() < verbose}
-        demos.append((ex, demonstration(ex, style, **slips)))
-    return demos
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Preference pairs (reward-model data)
-# ---------------------------------------------------------------------------------------------------------------
-
-SYNTHETIC_ASPECTS = ("correctness", "format", "faithfulness", "helpfulness")
-
-
 def format_answer(text: str, answer_format: str | None, reasoning: str = "") -> str:
-    """A response in the requested format (think_answer: with `reasoning` as its notes)."""
+    """A response in `answer_format` (think_answer: with `reasoning` as its notes)."""
     if answer_format == "think_answer":
         return f"<think>{reasoning}</think><answer>{text}</answer>"
     if answer_format == "boxed":
         return f"{reasoning} The answer is \\boxed{{{text}}}.".strip()
     return text
+
+
+def synthetic_demonstrations(n: int, *, seed: int = 0, kinds: Sequence[str] = TASK_KINDS, size: int = 112,
+                             styles: dict[str, float] | None = None, choice_text: float = 0.0,
+                             verbose: float = 0.0) -> list[tuple[Example, str]]:
+    """`n` (example, response) pairs over `synthetic_examples(n, seed, kinds)`. `styles`: each style's share
+    (normalised; default all `reason`); `choice_text`, `verbose`: the chances of the two slips where they apply."""
+    styles = styles or {"reason": 1.0}
+    unknown = [s for s in styles if s not in STYLES]
+    if unknown or any(not isinstance(w, (int, float)) or w < 0 for w in styles.values()) or sum(styles.values()) <= 0:
+        raise ValueError(f"data.styles: need non-negative shares of {list(STYLES)} with a positive sum, got {styles}")
+    rng = random.Random(seed + 2)  # the examples use `seed`, the pairs seed + 1: three independent streams
+    demos = []
+    for ex in synthetic_examples(n, seed=seed, kinds=tuple(kinds), size=size):
+        style = rng.choices(list(styles), list(styles.values()))[0]
+        answer = final_answer(ex, choice_text=rng.random() < choice_text, verbose=rng.random() < verbose)
+        reasoning = notes(ex) if style == "reason" else ""
+        demos.append((ex, format_answer(answer, None if style == "unformatted" else "think_answer", reasoning)))
+    return demos
 
 
 def _misread(example: Example, rng: random.Random) -> tuple[str, str]:
@@ -251,12 +208,9 @@ def _misread(example: Example, rng: random.Random) -> tuple[str, str]:
         shape = next(c for c in cells if c != "empty").split()[1]
         n = int(example.answer)
         wrong = rng.choice([k for k in range(1, 5) if k != n])
-        filled = [i for i, c in enumerate(cells) if c != "empty"]
-        empty = [i for i, c in enumerate(cells) if c == "empty"]
-        for i in rng.sample(empty, wrong - n) if wrong > n else []:
-            cells[i] = f"{rng.choice(list(COLOURS))} {shape}"
-        for i in rng.sample(filled, n - wrong) if wrong < n else []:
-            cells[i] = "empty"
+        # Fill empty cells (or empty filled ones) until `wrong` shapes are left.
+        for i in rng.sample([i for i, c in enumerate(cells) if (c == "empty") == (wrong > n)], abs(wrong - n)):
+            cells[i] = f"{rng.choice(list(COLOURS))} {shape}" if wrong > n else "empty"
         return ", ".join(cells), str(wrong)
     if kind == "arithmetic":
         a, b = (int(x) for x in example.reference.split(" + "))
@@ -267,17 +221,15 @@ def _misread(example: Example, rng: random.Random) -> tuple[str, str]:
         other = rng.choice([c for c in COLOURS if c != colour])
         answer = other if kind == "colour" else "ABCD"[example.choices.index(other)]
         return f"{other} {shape}", answer
-    assert kind == "digits", kind  # open items are misdescribed (_misdescribe), not misread
-    # Another digit of the task's range (no pair can be told apart by an out-of-range number alone): the digit read
-    # is the answer.
+    assert kind == "digits", kind  # open items are misdescribed, not misread
+    # Another digit of the task's range, so that no pair can be told apart by an out-of-range number alone.
     wrong = rng.choice([str(d) for d in DIGITS if str(d) != example.answer])
     return wrong, wrong
 
 
 def _misdescribe(reference: str, rng: random.Random) -> str:
-    # Every drawn object becomes one that was not drawn: another colour, another shape, or both, a third of the
-    # time each. With the colour always changed, the tiny reward model learned to check colours only, and GRPO
-    # then described a red circle as "a red square" for a reward of 0.96.
+    # Each drawn object becomes one not drawn: another colour, shape, or both, a third of the time each (with the
+    # colour always changed, the reward model checked colours only and GRPO called a red circle "a red square").
     wrong = []
     for colour, shape in described_objects(reference):
         change = rng.choice(("colour", "shape", "both"))
@@ -289,76 +241,32 @@ def _misdescribe(reference: str, rng: random.Random) -> str:
     return "The image shows " + " and ".join(wrong) + " on white."
 
 
-def _unhelpful(example: Example, rng: random.Random) -> str:
-    # A description that is not wrong but does not describe: the colour or the shape left out, or an answer to
-    # another task. Without such pairs the reward model scored "<answer>a</answer>" and "The image shows a square"
-    # like faithful descriptions, and GRPO found them within 100 steps.
-    (colour, shape), = described_objects(example.reference)
-    return rng.choice([f"a {shape}", f"a {colour}", f"The image shows a {shape} on white.", "a", "The image shows",
-                       str(rng.randint(1, 4)), rng.choice("ABCD"), "empty"])
-
-
 def synthetic_pairs(n: int, *, seed: int = 0, kinds: Sequence[str] = ("colour", "describe"),
                     answer_format: str | None = "think_answer") -> list[PreferencePair]:
-    """`n` preference pairs over `synthetic_examples(n, seed, kinds)`; deterministic for a seed.
-
-    Responses are written like the warm-up's `reason` demonstrations (notes, then the answer), so the reward model
-    is trained on text that looks like the policy's. Verifiable kinds: the right answer beats a wrong one that comes
-    from notes misreading the image ("correctness") or, half of the time
-    when the format has tags, the same answer without them ("format"). "describe": the description (brief or
-    verbose, at random) beats one naming an object that was not drawn ("faithfulness") or, half of the time, one
-    that leaves out the colour or the shape or answers another task ("helpfulness"). Both sides of a pair share
-    the format and the notes or description style.
-    """
+    """`n` preference pairs over `synthetic_examples(n, seed, kinds)`, labelled with their aspect."""
     rng = random.Random(seed + 1)  # the examples use `seed`: the pair choices must not replay the same stream
     pairs = []
     for ex in synthetic_examples(n, seed=seed, kinds=tuple(kinds)):
+        verbose = ex.task == "open" and rng.random() < 0.5  # the description style of both sides
+        chosen = format_answer(final_answer(ex, verbose=verbose), answer_format, notes(ex))
         if ex.task == "open":
-            verbose = rng.random() < 0.5
-            chosen = format_answer(final_answer(ex, verbose=verbose), answer_format, notes(ex))
             if rng.random() < 0.5:
-                wrong = _misdescribe(ex.reference, rng)
-                rejected_ex = Example(ex.id, problem=ex.problem, images=ex.images, reference=wrong)
-                rejected = format_answer(final_answer(rejected_ex, verbose=verbose), answer_format, notes(rejected_ex))
+                wrong = Example(ex.id, problem=ex.problem, images=ex.images, reference=_misdescribe(ex.reference, rng))
+                rejected = format_answer(final_answer(wrong, verbose=verbose), answer_format, notes(wrong))
                 aspect = "faithfulness"
             else:
-                rejected, aspect = format_answer(_unhelpful(ex, rng), answer_format, notes(ex)), "helpfulness"
+                # Not wrong, but not a description: without such pairs the reward model scored "<answer>a</answer>"
+                # and "The image shows a square" like faithful descriptions, and GRPO found them.
+                (colour, shape), = described_objects(ex.reference)
+                unhelpful = rng.choice([f"a {shape}", f"a {colour}", f"The image shows a {shape} on white.", "a",
+                                        "The image shows", str(rng.randint(1, 4)), rng.choice("ABCD"), "empty"])
+                rejected, aspect = format_answer(unhelpful, answer_format, notes(ex)), "helpfulness"
         elif answer_format in ("think_answer", "boxed") and rng.random() < 0.5:
-            chosen = format_answer(ex.answer, answer_format, notes(ex))
             rejected, aspect = f"The answer is {ex.answer}", "format"
         else:
-            # Consistent notes on both sides: with "right notes, wrong answer" pairs as well, the tiny reward model
-            # learned the text-only shortcut (answer agrees with notes) and stayed at chance on the rest (0.79).
+            # Consistent notes on both sides: with "right notes, wrong answer" pairs as well, the reward model
+            # learned the text-only shortcut (answer agrees with notes) and stayed at chance on the rest.
             wrong_notes, wrong = _misread(ex, rng)
-            chosen = format_answer(ex.answer, answer_format, notes(ex))
             rejected, aspect = format_answer(wrong, answer_format, wrong_notes), "correctness"
         pairs.append(PreferencePair(id=ex.id, example=ex, chosen=chosen, rejected=rejected, aspect=aspect))
     return pairs
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Drawing helpers
-# ---------------------------------------------------------------------------------------------------------------
-
-def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, box: tuple[int, int, int, int], colour) -> None:
-    x0, y0, x1, y1 = box
-    if shape == "circle":
-        draw.ellipse(box, fill=colour)
-    elif shape == "square":
-        draw.rectangle(box, fill=colour)
-    else:
-        draw.polygon([((x0 + x1) // 2, y0), (x1, y1), (x0, y1)], fill=colour)
-
-
-def _grid(size: int, per_row: int) -> list[tuple[int, int, int, int]]:
-    # The boxes of a per_row x per_row grid in reading order (rows top to bottom, then left to right), padded so
-    # that shapes in neighbouring cells never touch: every shape stays countable.
-    cell = size // per_row
-    pad = cell // 6
-    return [(c % per_row * cell + pad, c // per_row * cell + pad, (c % per_row + 1) * cell - pad,
-             (c // per_row + 1) * cell - pad) for c in range(per_row * per_row)]
-
-
-def _canvas(size: int) -> tuple[Image.Image, ImageDraw.ImageDraw]:
-    image = Image.new("RGB", (size, size), (255, 255, 255))
-    return image, ImageDraw.Draw(image)

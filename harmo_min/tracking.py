@@ -3,23 +3,13 @@
     earlier = check_run_dir(run_dir, resume=False, overwrite=False)   # before any model loads
     log = RunLog(run_dir, world, cfg, resume_step=None, overwrite=earlier)
     with timed(seconds, "rollout", world.device): ...
-    log.write({"step": 1, "loss": ...})
+    log.write({"step": 1, "loss": ...})       # rank 0 writes; log.history holds this run's metrics on every rank
 
-* `check_run_dir`: a fresh run refuses a `run_dir` that already holds an earlier run's files (it would mix their
-  metrics and prune or shadow their checkpoints), unless `--resume` continues it or `--overwrite` deletes them.
-  Only the files a run writes (`RUN_FILES`) are looked at or deleted; anything else in the folder stays.
-* `RunLog`: rank 0 writes `config.yaml` and `metrics.jsonl` (one JSON object per step; a resumed run first drops
-  the lines after its checkpoint, so no step appears twice), plus TensorBoard / W&B when the config asks (asking
-  for one that is not installed is an error, not a silent no-op). Other ranks' calls do nothing.
-* `prepare_paths`: runs a section's `prepare` command when its `path` does not exist yet (a cached warm-up policy
-  or reward model that `python train.py` builds itself on its first run).
-* `timed`, `peak_memory_gb`: per-phase wall time (waiting for the GPU at both ends) and the peak memory.
-* `write_samples`: a step's prompts, responses and every reward aspect, one JSON line per response.
+Also `prepare_paths` (builds a cached input on the first run), `write_samples` and `peak_memory_gb`.
 """
 
-from __future__ import annotations
-
 import contextlib
+import importlib
 import json
 import resource
 import shlex
@@ -32,12 +22,14 @@ from pathlib import Path
 import torch
 import yaml
 
+# The only files check_run_dir and --overwrite look at or delete: anything else in run_dir stays.
 RUN_FILES = ("checkpoints", "metrics.jsonl", "samples", "final", "reward_model", "config.yaml", "tensorboard",
              "curves.png")
 
 
 def check_run_dir(run_dir: str | Path, *, resume: bool, overwrite: bool) -> list[str]:
-    """The earlier run's files in `run_dir`; raises unless the caller resumes or overwrites them."""
+    """The earlier run's files, for `RunLog` to delete when overwriting. A fresh run refuses a folder that holds
+    some: it would mix their metrics and prune or shadow their checkpoints."""
     earlier = [name for name in RUN_FILES if (Path(run_dir) / name).exists()]
     if earlier and not (resume or overwrite):
         raise FileExistsError(f"run_dir {run_dir} already holds {earlier} from an earlier run: continue it with "
@@ -58,61 +50,57 @@ def prepare_paths(cfg: dict, sections: tuple[str, ...], world_size: int) -> None
                 raise FileNotFoundError(f"{section}.prepare `{command}` finished but did not create {path}")
 
 
+def _optional(module: str, key: str):
+    try:
+        return importlib.import_module(module)
+    except ImportError as err:
+        raise ImportError(f"train.{key}: true needs `pip install {key}`") from err
+
+
 class RunLog:
-    """config.yaml + metrics.jsonl (+ TensorBoard / W&B) of one run, written by rank 0."""
+    """config.yaml + metrics.jsonl (one JSON object per step) + TensorBoard / W&B when `train:` asks for them (one
+    that is not installed is an error, not a silent no-op)."""
 
     def __init__(self, run_dir: str | Path, world, cfg: dict, *, resume_step: int | None = None,
                  overwrite: list[str] = ()):
-        self.run_dir, self.active = Path(run_dir), world.is_main
-        self.history: list[dict] = []  # this run's metrics, on every rank
-        self.metrics, self.writers = self.run_dir / "metrics.jsonl", []
+        self.run_dir, self.active, self.history, self.writers = Path(run_dir), world.is_main, [], []
+        self.metrics = self.run_dir / "metrics.jsonl"
         if not self.active:
             return
         for name in overwrite:
             shutil.rmtree(self.run_dir / name) if (self.run_dir / name).is_dir() else (self.run_dir / name).unlink()
         self.run_dir.mkdir(parents=True, exist_ok=True)
         (self.run_dir / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
-        kept = []
-        if resume_step is not None and self.metrics.exists():
-            kept = [line for line in self.metrics.read_text().splitlines()
-                    if line.strip() and json.loads(line)["step"] <= resume_step]
+        # A resumed run drops the lines after its checkpoint, so no step appears twice.
+        kept = self.metrics.read_text().splitlines() if resume_step is not None and self.metrics.exists() else []
+        kept = [line for line in kept if line.strip() and json.loads(line)["step"] <= resume_step]
         self.metrics.write_text("".join(line + "\n" for line in kept))
         train = cfg.get("train", {})
         if train.get("tensorboard"):
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError as err:
-                raise ImportError("train.tensorboard: true needs `pip install tensorboard`") from err
-            tb = SummaryWriter(self.run_dir / "tensorboard")
+            tb = _optional("torch.utils.tensorboard", "tensorboard").SummaryWriter(self.run_dir / "tensorboard")
             self.writers.append(lambda m: [tb.add_scalar(k, v, m["step"]) for k, v in m.items()
                                            if isinstance(v, (int, float))])
         if train.get("wandb"):
-            try:
-                import wandb
-            except ImportError as err:
-                raise ImportError("train.wandb: true needs `pip install wandb`") from err
-            run = wandb.init(project="harmo_min", dir=str(self.run_dir), config=cfg)
+            run = _optional("wandb", "wandb").init(project="harmo_min", dir=str(self.run_dir), config=cfg)
             self.writers.append(lambda m: run.log(m, step=m["step"]))
 
     def write(self, metrics: dict) -> None:
         self.history.append(metrics)
-        if not self.active:
-            return
-        with self.metrics.open("a") as f:
-            f.write(json.dumps(metrics) + "\n")
-        for writer in self.writers:
-            writer(metrics)
+        if self.active:
+            with self.metrics.open("a") as f:
+                f.write(json.dumps(metrics) + "\n")
+            for writer in self.writers:
+                writer(metrics)
 
 
 @contextlib.contextmanager
 def timed(seconds: dict[str, float], name: str, device: torch.device):
     """Add the phase's wall time to seconds[name]; on a GPU, wait for the device so kernels count where they ran."""
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+    sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
+    sync()
     start = time.perf_counter()
     yield
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+    sync()
     seconds[name] = seconds.get(name, 0.0) + time.perf_counter() - start
 
 
@@ -124,7 +112,7 @@ def peak_memory_gb(device: torch.device) -> float:
 
 
 def write_samples(path: Path, examples: list, texts: list[str], groups: list) -> None:
-    """Append one JSON line per response: the example, the response, its total reward, route and every aspect.
+    """Append one JSON line per response: example, response, total reward, route and every aspect.
     `groups[p]` (a rewards.GroupRewards) holds prompt p's responses, `texts[p * G : (p + 1) * G]`."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("a", encoding="utf-8") as f:
