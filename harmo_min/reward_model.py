@@ -197,6 +197,8 @@ class RewardModel(nn.Module):
         Under FSDP a collective: every rank calls it, with its own items (any number, even none)."""
         if len(examples) != len(responses):
             raise ValueError(f"score: {len(examples)} examples but {len(responses)} responses")
+        if batch_size < 1:
+            raise ValueError(f"score: batch_size must be >= 1, got {batch_size}")
         device = self.head.weight.device
         n_batches = math.ceil(len(examples) / batch_size)
         if isinstance(self, FSDPModule):
@@ -355,11 +357,14 @@ def preference_loss(chosen: RewardOutput, rejected: RewardOutput, aspect_index: 
 def encode_pairs(processor, pairs: Sequence[PreferencePair], aspects: Sequence[str],
                  answer_format: str | None = "think_answer",
                  ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """One batch of 2P rows (the P chosen responses, then the P rejected ones) and the pairs' labels. The pairs'
-    aspects are the model's (`data.load_preference_jsonl(aspects=)` and train_reward_model.load_pairs see to it)."""
+    """One batch of 2P rows (the P chosen responses, then the P rejected ones) and the pairs' labels."""
     examples = [p.example for p in pairs]
     batch = encode_responses(processor, examples + examples, [p.chosen for p in pairs] + [p.rejected for p in pairs],
                              answer_format)
+    unknown = [(p.id, p.aspect) for p in pairs if p.aspect is not None and p.aspect not in aspects]
+    if unknown:
+        raise ValueError(f"pairs labelled with aspects the model does not have {unknown[:3]}; model aspects "
+                         f"{list(aspects)}")
     labels = {"aspect_index": torch.tensor([list(aspects).index(p.aspect) if p.aspect else -1 for p in pairs])}
     for side in ("chosen_ratings", "rejected_ratings"):
         if any(getattr(p, side) for p in pairs):

@@ -349,3 +349,14 @@ def test_two_rank_fsdp_training_and_uneven_scoring_match_one_process(tmp_path):
     w1 = RewardModel.from_pretrained(tmp_path / "one" / "reward_model").state_dict()
     w2 = RewardModel.from_pretrained(tmp_path / "two" / "reward_model").state_dict()
     assert set(w1) == set(w2) and max((w1[k] - w2[k]).abs().max().item() for k in w1) < 1e-3
+
+
+def test_score_and_encode_pairs_check_their_arguments():
+    rm = _rm()
+    processor = rm.processor
+    example = synthetic_examples(1, seed=0, kinds=("describe",))[0]
+    with pytest.raises(ValueError, match="score: batch_size must be >= 1, got 0"):
+        rm.score([example], ["a red circle"], batch_size=0)
+    pair = synthetic_pairs(1, seed=0, kinds=("describe",))[0]
+    with pytest.raises(ValueError, match=r"pairs labelled with aspects the model does not have .*model aspects \['x'\]"):
+        encode_pairs(processor, [pair], ["x"])
