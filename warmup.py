@@ -36,9 +36,9 @@ import torch
 
 from harmo_min.config import NOT_EMPTY, above, at_least, in_range, load_config, lr_schedule, one_of, parse_run_args
 from harmo_min.data import encode_prompts, iterate_batches
-from harmo_min.distributed import apply_fsdp, cleanup, clip_grad_norm, export_hf, init_distributed
+from harmo_min.distributed import cleanup, clip_grad_norm, export_hf, init_distributed, load_model_sharded
 from harmo_min.grpo import token_logprobs, training_inputs
-from harmo_min.model import DTYPES, build_tiny, eos_token_ids, load_policy, resolve_dtype
+from harmo_min.model import DTYPES, eos_token_ids, resolve_dtype
 from harmo_min.rollout import Rollout
 from harmo_min.synthetic import synthetic_demonstrations
 from harmo_min.tracking import RunLog, check_run_dir
@@ -48,7 +48,6 @@ WARMUP_DEFAULTS = {
     "seed": 0,
     "model": {
         "path": "tiny",                # "tiny" = build_tiny(seed) random weights, or a local Qwen2.5-VL folder
-        "tiny": {},                    # build_tiny text-model overrides, e.g. {hidden_size: 128, num_hidden_layers: 4}
         "compute_dtype": "auto",       # forward/backward dtype: auto = bfloat16 on GPU, float32 on CPU
     },
     "data": {
@@ -69,7 +68,7 @@ WARMUP_DEFAULTS = {
         "export": True,                # the HF folder run_dir/final (float32)
     },
 }
-OPEN_KEYS = ("data.kinds", "model.tiny")
+OPEN_KEYS = ("data.kinds",)
 RULES = {
     "model.path": NOT_EMPTY, "model.compute_dtype": one_of("auto", *DTYPES),
     # The demonstrations are written <think>…</think><answer>…</answer>: no other format has demonstrations.
@@ -91,8 +90,6 @@ def check_warmup_config(cfg: dict, world_size: int) -> None:
         raise ValueError(f"train.batch_size={t['batch_size']} is not divisible by {world_size} ranks")
     if d["n_train"] < t["batch_size"]:
         raise ValueError(f"data.n_train={d['n_train']} cannot fill one batch of train.batch_size={t['batch_size']}")
-    if cfg["model"]["tiny"] and cfg["model"]["path"] != "tiny":
-        raise ValueError(f"model.tiny: overrides the tiny architecture, but model.path is {cfg['model']['path']!r}")
 
 
 def demonstration_rollout(tokenizer, texts: list[str], eos_id: int, pad_id: int) -> Rollout:
@@ -123,13 +120,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
                                      styles=d["styles"], choice_text=d["choice_text"], verbose=d["verbose"])
 
     torch.manual_seed(cfg["seed"])
-    if cfg["model"]["path"] == "tiny":
-        model, processor = build_tiny(seed=cfg["seed"], **cfg["model"]["tiny"])
-    else:
-        model, processor = load_policy(cfg["model"]["path"], dtype=torch.float32)
-    # float32 master weights and AdamW state; the compute dtype (bf16 on a GPU) through FSDP2, as in train.py
-    model = apply_fsdp(model.to(world.device), world,
-                       compute_dtype=resolve_dtype(cfg["model"]["compute_dtype"], world.device))
+    # As train.py loads its policy: rank 0 alone reads the weights (not one host copy per rank), float32 master
+    # weights and AdamW state, the compute dtype (bf16 on a GPU) through FSDP2.
+    model, processor = load_model_sharded(cfg["model"]["path"], world, seed=cfg["seed"], dtype=torch.float32,
+                                          compute_dtype=resolve_dtype(cfg["model"]["compute_dtype"], world.device))
     model.train()
     tokenizer = processor.tokenizer
     eos_id = eos_token_ids(model)[0]  # <|im_end|>: the end of the assistant turn, where the sampler stops
