@@ -26,6 +26,7 @@ The reward-model stage is train_reward_model.py, the supervised warm-up warmup.p
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import time
@@ -37,7 +38,7 @@ from harmo_min import memory
 from harmo_min.config import (NOT_EMPTY, above, above_or_null, at_least, in_range, load_config, lr_schedule, one_of,
                               parse_run_args)
 from harmo_min.data import FORMAT_INSTRUCTIONS, MAX_IMAGE_PIXELS, encode_prompts, iterate_batches, load_examples
-from harmo_min.distributed import (cleanup, clip_grad_norm, export_hf, forward_only, gathered_params,
+from harmo_min.distributed import (cleanup, clip_grad_norm, export_hf, forward_only, gathered_params, unsharded,
                                    init_distributed, load_latest_checkpoint, load_model_sharded, save_checkpoint)
 from harmo_min.grpo import (AGGREGATIONS, KL_ESTIMATORS, group_advantages, grpo_loss, kl_estimate, loss_normalizer,
                             micro_batches, token_logprobs, training_inputs, zero_variance_groups)
@@ -80,6 +81,7 @@ GRPO_DEFAULTS = {
     "grpo": {
         "prompts_per_step": 16,       # global: split evenly over ranks
         "micro_batch_size": 32,       # responses per forward/backward
+        "share_prompt": False,        # run each prompt once per micro-batch, not once per response (see grpo.py)
         "epochs": 1,                  # updates per rollout batch (>1 stores old log-probs)
         "clip_low": 0.2, "clip_high": 0.28,
         "kl_coef": 0.0,               # β; a frozen reference is loaded only when > 0
@@ -162,9 +164,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         policy.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     ref_model = None
     if g["kl_coef"] > 0:
-        ref_model, _ = load_model_sharded(m["path"], world, seed=cfg["seed"], dtype=compute_dtype,
-                                          attn_implementation=m["attn_implementation"])
-        ref_model.requires_grad_(False)
+        ref_model = load_model_sharded(m["path"], world, seed=cfg["seed"], dtype=compute_dtype,  # frozen
+                                       attn_implementation=m["attn_implementation"])[0].requires_grad_(False)
     scorer = None
     if cfg["reward_model"]["path"] and reward_cfg.accuracy_source != "rule":  # rule-only runs no reward model
         scorer = load_scorer(cfg["reward_model"]["path"], world=world, batch_size=cfg["reward_model"]["batch_size"],
@@ -182,7 +183,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     log = RunLog(run_dir, world, cfg, resume_step=start if args.resume else None, overwrite=earlier)
 
     per_rank = g["prompts_per_step"] // world.size
-    temperature = r["temperature"] or 1.0  # greedy rollouts are scored at T = 1, as the sampler does
+    # The training forward's log-probs: greedy rollouts are scored at T = 1, as the sampler does
+    logprobs = functools.partial(token_logprobs, temperature=r["temperature"] or 1.0, share_prompt=g["share_prompt"])
     batches = iterate_batches(examples, g["prompts_per_step"], seed=cfg["seed"], start=start)
     for step in range(start, cfg["train"]["steps"]):
         t0, times = time.perf_counter(), {}
@@ -217,10 +219,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
         with timed(times, "reference", world.device):
             if ref_model is not None:
                 with forward_only(ref_model):
-                    ref = [token_logprobs(ref_model, x, temperature=temperature)[0] for x in inputs]
+                    ref = [logprobs(ref_model, x)[0] for x in inputs]
             if g["epochs"] > 1:
                 with forward_only(policy):
-                    old = [token_logprobs(policy, x, temperature=temperature)[0] for x in inputs]
+                    old = [logprobs(policy, x)[0] for x in inputs]
 
         # 5. advantages within each group; optionally mask groups with no accuracy signal
         total = torch.tensor([x for grp in groups for x in grp.total], device=world.device)            # (B,)
@@ -243,9 +245,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 for k in ("loss", "clip_frac", "kl", "ratio_mean", "entropy", "tokens")}
         grad_norm, stepped = 0.0, False
         for _ in range(g["epochs"] if normalizer > 0 else 0):
-            with timed(times, "update", world.device):
+            with timed(times, "update", world.device), unsharded(policy, enabled=g["share_prompt"]):
                 for idx, x, ref_logp, old_logp in zip(rows, inputs, ref, old):
-                    logp, entropy = token_logprobs(policy, x, temperature=temperature)
+                    logp, entropy = logprobs(policy, x)
                     mask = loss_mask[idx, :logp.shape[1]]
                     loss, stats = grpo_loss(logp, logp.detach() if old_logp is None else old_logp, advantages[idx],
                                             mask, normalizer=normalizer, ref_logp=ref_logp,
@@ -258,8 +260,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                         sums[key] += value.double()
             with timed(times, "optimizer", world.device):
                 grad_norm = clip_grad_norm(policy.parameters(), o["grad_clip"])
-                # A NaN on one rank reaches every rank through the gradient reduction, but decide collectively
-                # anyway: no rank may step (or skip) alone.
+                # Collective, though a NaN reaches every rank through the reduction: no rank may step (or skip) alone
                 stepped = world.all_true(math.isfinite(grad_norm) and math.isfinite(float(sums["loss"])))
                 if stepped:
                     optimizer.step()

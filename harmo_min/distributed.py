@@ -14,7 +14,8 @@
   to `compute_dtype` and reduces gradients in float32. Gradients are **summed** over ranks (divide factor 1): the
   loss is already the global sum over the global normaliser (`grpo.loss_normalizer`), so averaging would divide twice.
 * `gathered_params(model)`: every shard gathered once for a whole rollout phase (one full compute-dtype copy per
-  rank); forwards inside run without collectives, so ranks may decode different numbers of steps.
+  rank); forwards inside run without collectives, so ranks may decode different numbers of steps. `unsharded`
+  keeps them through backwards too (the update with `grpo.share_prompt`).
 * `load_model_sharded(path, world, ...)`: rank 0 alone reads (or builds) the weights; the other ranks build the
   model on the meta device and receive their shards. 8 ranks never hold 8 host copies of a 7B model.
 * `clip_grad_norm(params, max_norm)`: clip by the global norm (over shards and ranks), returned as a float.
@@ -124,18 +125,28 @@ def _init_root(model) -> None:
 
 
 @contextlib.contextmanager
-def gathered_params(model):
-    modules = [m for m in model.modules() if isinstance(m, FSDPModule)]
+def unsharded(model, *, enabled: bool = True):
+    """Every FSDP2 unit's full parameters gathered once and kept, through forwards and backwards, until the end.
+    grpo's share_prompt runs each unit twice before one backward: FSDP2 would free the parameters after either
+    call's backward while the other's still needs them. Gradients are still reduce-scattered per backward call."""
+    modules = [m for m in model.modules() if isinstance(m, FSDPModule)] if enabled else []
     for m in modules:
         m.set_reshard_after_forward(False, recurse=False)
+        m.set_reshard_after_backward(False, recurse=False)
         m.unshard()
     try:
-        with forward_only(model):
-            yield model
+        yield model
     finally:
         for m in modules:
             m.reshard()
             m.set_reshard_after_forward(True, recurse=False)
+            m.set_reshard_after_backward(True, recurse=False)
+
+
+@contextlib.contextmanager
+def gathered_params(model):
+    with unsharded(model), forward_only(model):
+        yield model
 
 
 @contextlib.contextmanager

@@ -42,6 +42,14 @@ responses to one prompt cost one image encoding, not n; the tower runs even with
 (`model.encoded_images`). `TokenLogProb` keeps only the model-dtype logits and one float per token, and recomputes
 the softmax chunk by chunk in backward: a float32 (B, T, V) log-softmax would cost 0.6 MB per token at 152k vocab.
 
+`share_prompt=True` (`grpo.share_prompt`) runs each distinct prompt once, not once per response: a first forward
+over the prompts without their last token fills a KV cache (with gradients), the cache rows are repeated for each
+response (`index_select`, whose backward sums the n rows' gradients into their prompt), and a second forward runs
+[last prompt token, response[:-1]] against it. Same positions, same mask, the same log-probs and gradients up to
+float rounding; it computes P + n·T positions per group instead of n·(P + T). Under FSDP2 each unit then runs twice
+before one backward, which frees its parameters after either call's backward: train.py keeps them gathered
+through the update (`distributed.unsharded`).
+
 Left out: value functions, PPO's GAE, off-policy importance weighting across rollout batches, sequence-level
 ratios (GSPO).
 """
@@ -49,6 +57,7 @@ ratios (GSPO).
 from __future__ import annotations
 
 import torch
+from transformers import DynamicCache
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from harmo_min.model import encoded_images, mrope_positions, placeholder_ids
@@ -149,6 +158,8 @@ def training_inputs(prompts: dict, images_per_prompt: list[int], rollout, rows: 
     }
     image_start = [0] + torch.tensor(images_per_prompt).cumsum(0).tolist()
     distinct = sorted(set(p.tolist()))
+    out["prompt_rows"] = torch.tensor([p.tolist().index(q) for q in distinct])  # (N',) one row per distinct prompt
+    out["row_prompt"] = torch.tensor([distinct.index(q) for q in p.tolist()])  # (b,) its index in prompt_rows
     images = [j for q in distinct for j in range(image_start[q], image_start[q + 1])]
     if images:
         grid = prompts["image_grid_thw"]                                       # (images, 3)
@@ -161,9 +172,10 @@ def training_inputs(prompts: dict, images_per_prompt: list[int], rollout, rows: 
     return out
 
 
-def token_logprobs(model, inputs: dict, *, temperature: float = 1.0, chunk: int = CHUNK
+def token_logprobs(model, inputs: dict, *, temperature: float = 1.0, chunk: int = CHUNK, share_prompt: bool = False
                    ) -> tuple[torch.Tensor, torch.Tensor]:
-    """log π(response token)/T (b, T) and per-token entropy (b, T) from one forward of prompt + response.
+    """log π(response token)/T (b, T) and per-token entropy (b, T) from one forward of prompt + response (two with
+    `share_prompt`, see the module docstring).
 
     Positions are M-RoPE positions of the concatenated sequence, which for the response tokens are exactly the
     sampler's decode positions ((real tokens so far − 1) + rope delta); tokens after EOS are masked out of the
@@ -172,14 +184,28 @@ def token_logprobs(model, inputs: dict, *, temperature: float = 1.0, chunk: int 
     position_ids, _ = mrope_positions(model, {**inputs, "image_grid_thw": inputs["row_grid"]})  # (3, b, P' + T)
     L, T = inputs["input_ids"].shape[1], inputs["response_ids"].shape[1]
     keep = torch.arange(L - T - 1, L - 1, device=inputs["input_ids"].device)  # position P−1+t predicts token t
+    ids, attention = inputs["input_ids"], inputs["attention_mask"]           # (b, L), L = P' + T
     with encoded_images(model, inputs["pixel_values"], inputs["image_grid_thw"]) as features:  # once per micro-batch
-        row_features = tuple(features[k] for k in inputs["row_images"])  # each row: its prompt's images
-        encoded = {"image": BaseModelOutputWithPooling(pooler_output=row_features)} if features else None
-        out = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], position_ids=position_ids,
-                    mm_encoder_outputs=encoded, use_cache=False, logits_to_keep=keep)
+        if not share_prompt:
+            row_features = tuple(features[k] for k in inputs["row_images"])  # each row: its prompt's images
+            encoded = {"image": BaseModelOutputWithPooling(pooler_output=row_features)} if features else None
+            logits = model(input_ids=ids, attention_mask=attention, position_ids=position_ids,
+                           mm_encoder_outputs=encoded, use_cache=False, logits_to_keep=keep).logits  # (b, T, V)
+        else:
+            heads, P = inputs["prompt_rows"].to(ids.device), L - T           # (N',); features are in head order
+            encoded = {"image": BaseModelOutputWithPooling(pooler_output=tuple(features))} if features else None
+            cache = DynamicCache(config=model.config)
+            model(input_ids=ids[heads, :P - 1], attention_mask=attention[heads, :P - 1], cache=cache, use_cache=True,
+                  position_ids=position_ids[:, heads, :P - 1], mm_encoder_outputs=encoded, logits_to_keep=1)
+    if share_prompt:
+        rows, repeat = inputs["row_prompt"].to(ids.device), DynamicCache(config=model.config)
+        for i, layer in enumerate(cache.layers):                             # (N', H_kv, P − 1, D) -> (b, ...)
+            repeat.update(layer.keys.index_select(0, rows), layer.values.index_select(0, rows), i)
+        logits = model(input_ids=ids[:, P - 1:L - 1], attention_mask=attention[:, :L - 1], cache=repeat,
+                       use_cache=True, position_ids=position_ids[:, :, P - 1:L - 1]).logits           # (b, T, V)
     mask = inputs["response_mask"].float()                                    # (b, T)
-    logp, entropy = TokenLogProb.apply(out.logits.flatten(0, 1), inputs["response_ids"].flatten(), temperature,
-                                       chunk, placeholder_ids(model))        # out.logits: (b, T, V), these T only
+    logp, entropy = TokenLogProb.apply(logits.flatten(0, 1), inputs["response_ids"].flatten(), temperature,
+                                       chunk, placeholder_ids(model))        # logits of these T only
     return logp.view_as(mask) * mask, entropy.view_as(mask) * mask
 
 

@@ -215,7 +215,9 @@ def plan(cfg: dict, *, world_size: int, gpu_gb: float = 80.0, prompt_tokens: int
               kv_cache_bytes(arch, c, rows=prompts * n, positions=seq), "rollout"),
              ("sampler logits (fp32)", 5 * prompts * n * vocab * 4, "rollout"),
              (f"gradients (fp32, 1/{W})", 4 * arch.params // W, "update"),
-             ("FSDP units gathered + unit gradients", c * (arch.root + 2 * unit) + (c + 4) * unit, "update"),
+             ("weights gathered (grpo.share_prompt) + unit gradients" if g["share_prompt"] else
+              "FSDP units gathered + unit gradients",
+              c * (arch.params if g["share_prompt"] else arch.root + 2 * unit) + (c + 4) * unit, "update"),
              (f"logits ({act['rows']} x {resp} x {vocab})", logits_bytes(arch, c, rows=act["rows"], resp=resp),
               "update"),
              (f"activations, checkpointing {'on' if ckpt else 'off'} ({'off' if ckpt else 'on'}: "

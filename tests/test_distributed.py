@@ -53,12 +53,16 @@ def test_every_collective_of_the_loop_gets_a_tensor_on_the_training_device(tmp_p
     assert len(_metrics(tmp_path)) == 2 and (tmp_path / "final" / "model.safetensors").is_file()
 
 
-def test_two_rank_update_equals_one_rank_update_on_the_same_global_batch(tmp_path):
+@pytest.mark.parametrize("share_prompt", [False, True])
+def test_two_rank_update_equals_one_rank_update_on_the_same_global_batch(tmp_path, share_prompt):
     """Same greedy rollouts and advantages over the global batch: the normaliser counted over ranks and FSDP's
-    summed (not averaged) gradients make the update independent of the world size."""
+    summed (not averaged) gradients make the update independent of the world size. With share_prompt on the two
+    ranks (every FSDP2 unit runs twice before its backward; micro-batches of 3 split groups), against one rank
+    without it: the same update."""
     common = ["--config", FAST, "train.steps=1", "train.export=true", "grpo.micro_batch_size=3", "optim.lr=1e-2"]
     _run([WORKER, "fixed", *common, f"run_dir={tmp_path / 'one'}"], nproc=1)
-    _run([WORKER, "fixed", *common, f"run_dir={tmp_path / 'two'}"], nproc=2)
+    _run([WORKER, "fixed", *common, f"run_dir={tmp_path / 'two'}", f"grpo.share_prompt={str(share_prompt).lower()}"],
+         nproc=2)
     (m1,), (m2,) = _metrics(tmp_path / "one"), _metrics(tmp_path / "two")
     assert m1["loss"] == pytest.approx(m2["loss"], abs=1e-6) and m1["grad_norm"] == pytest.approx(m2["grad_norm"], rel=1e-5)
     w0, w1, w2 = build_tiny(0)[0].state_dict(), _weights(tmp_path / "one" / "final"), _weights(tmp_path / "two" / "final")
@@ -78,7 +82,8 @@ def test_non_finite_loss_on_one_rank_skips_the_step_everywhere_without_hanging(t
     assert time.time() - start < 240
 
 
-def test_text_only_and_image_items_on_different_ranks_stay_in_lockstep(tmp_path):
+@pytest.mark.parametrize("share_prompt", [False, True])
+def test_text_only_and_image_items_on_different_ranks_stay_in_lockstep(tmp_path, share_prompt):
     """A rank whose micro-batch has no image still runs the vision unit (x0): without it gloo reports a collective
     mismatch and NCCL hangs. Two text-only and two image items, one prompt per micro-batch."""
     rows = []
@@ -88,7 +93,8 @@ def test_text_only_and_image_items_on_different_ranks_stay_in_lockstep(tmp_path)
         rows.append({"id": f"txt{i}", "problem": f"What is {i} plus 1?", "answer": str(i + 1)})
     (tmp_path / "mix.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     args = ["--config", FAST, f"run_dir={tmp_path / 'run'}", f"data.train={tmp_path / 'mix.jsonl'}",
-            "grpo.micro_batch_size=4", "train.steps=4", "rollout.max_new_tokens=3"]
+            "grpo.micro_batch_size=4", "train.steps=4", "rollout.max_new_tokens=3",
+            f"grpo.share_prompt={str(share_prompt).lower()}"]
     _run([WORKER, "plain", *args], nproc=2, timeout=240)
     assert len(_metrics(tmp_path / "run")) == 4
 

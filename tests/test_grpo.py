@@ -146,56 +146,86 @@ def _logprobs(model, encoded, images, r, rows, **kw):
     return token_logprobs(model, training_inputs(encoded, images, r, rows), **kw)
 
 
+@pytest.mark.parametrize("share_prompt", [False, True])
 @pytest.mark.parametrize("temperature", [1.0, 0.6])
-def test_training_forward_logprobs_equal_sampler_logprobs(tiny, temperature):
+def test_training_forward_logprobs_equal_sampler_logprobs(tiny, temperature, share_prompt):
     model, encoded, images, r = _rollout(tiny, temperature=temperature)
     # Micro-batches of rows from different prompts, in a shuffled order, trimmed of shared left pad.
     rows = torch.tensor([4, 0, 8, 5])
     with torch.no_grad():
-        logp, _ = _logprobs(model, encoded, images, r, rows, temperature=temperature)
+        logp, _ = _logprobs(model, encoded, images, r, rows, temperature=temperature, share_prompt=share_prompt)
     T = logp.shape[1]
     assert torch.allclose(logp, r.logprobs[rows, :T], atol=1e-4), (logp - r.logprobs[rows, :T]).abs().max()
     assert r.logprobs[rows, T:].abs().sum() == 0  # trimmed columns (if any) hold nothing
 
 
-def test_text_only_and_image_rows_in_one_micro_batch_equal_their_separate_forwards(tiny):
+@pytest.mark.parametrize("share_prompt", [False, True])
+def test_text_only_and_image_rows_in_one_micro_batch_equal_their_separate_forwards(tiny, share_prompt):
     examples = synthetic_examples(2, seed=4, kinds=("colour",))
     examples.insert(1, Example(id="text", problem="What is the sum of 2 and 3?", answer="5"))
     model, encoded, images, r = _rollout(tiny, n=2, examples=examples)
     with torch.no_grad():
-        mixed, _ = _logprobs(model, encoded, images, r, torch.arange(6))
+        mixed, _ = _logprobs(model, encoded, images, r, torch.arange(6), share_prompt=share_prompt)
         for rows in (torch.tensor([0, 1]), torch.tensor([2, 3]), torch.tensor([4, 5])):
-            alone, _ = _logprobs(model, encoded, images, r, rows)
+            alone, _ = _logprobs(model, encoded, images, r, rows, share_prompt=share_prompt)
             assert torch.allclose(mixed[rows, :alone.shape[1]], alone, atol=1e-5)
     assert torch.allclose(mixed, r.logprobs[:, :mixed.shape[1]], atol=1e-4)
 
 
-def test_each_micro_batch_encodes_a_prompts_images_once(tiny):
+@pytest.mark.parametrize("share_prompt", [False, True])
+def test_each_micro_batch_encodes_a_prompts_images_once(tiny, share_prompt):
     model, encoded, images, r = _rollout(tiny, n=3)
     seen = []
     hook = model.model.visual.register_forward_hook(lambda m, args, out: seen.append(args[0].shape[0]))
     try:
-        _logprobs(model, encoded, images, r, torch.arange(6))              # 2 prompts x 3 responses
+        _logprobs(model, encoded, images, r, torch.arange(6), share_prompt=share_prompt)  # 2 prompts x 3 responses
     finally:
         hook.remove()
     patches = encoded["image_grid_thw"].prod(-1).tolist()
     assert seen == [patches[0] + patches[1]]  # one tower call on the two prompts' images, not six
 
 
-def test_text_only_micro_batch_still_runs_the_vision_tower_with_a_zero_gradient_path(tiny):
+@pytest.mark.parametrize("share_prompt", [False, True])
+def test_text_only_micro_batch_still_runs_the_vision_tower_with_a_zero_gradient_path(tiny, share_prompt):
     model, processor = tiny
     examples = [Example(id="t1", problem="What is 2 plus 2?", answer="4"), Example(id="t2", problem="Say hi.")]
     model, encoded, images, r = _rollout(tiny, n=2, examples=examples)
     calls = []
     hook = model.model.visual.register_forward_hook(lambda *a: calls.append(1))
     try:
-        logp, _ = _logprobs(model, encoded, images, r, torch.arange(4))
+        logp, _ = _logprobs(model, encoded, images, r, torch.arange(4), share_prompt=share_prompt)
         logp.sum().backward()
     finally:
         hook.remove()
     assert calls == [1]  # FSDP2 lockstep: the rank without images still runs (and back-propagates through) the tower
     tower = [q.grad for q in model.model.visual.parameters()]
     assert all(g is not None and g.abs().max() == 0 for g in tower)
+    model.zero_grad(set_to_none=True)
+
+
+def test_shared_prompt_forward_gives_the_same_logprobs_entropies_and_gradients(tiny):
+    """share_prompt runs each prompt once and its responses against the repeated cache: the same function of the
+    weights. Rows of three prompts (images of two sizes, a text-only one) in a shuffled order, one response cut
+    short by EOS, so prompts of different lengths share the left pad and responses the right pad."""
+    examples = synthetic_examples(2, seed=4, kinds=("count",))
+    examples[1].images = [examples[1].images[0].resize((56, 84))]
+    examples.insert(1, Example(id="text", problem="What is the sum of 2 and 3?", answer="5"))
+    model, encoded, images, free = _rollout(tiny, n=3, T=10, examples=examples)
+    eos = int(free.response_ids[4, 3])
+    model, encoded, images, r = _rollout(tiny, n=3, T=10, examples=examples, eos_ids=[eos])
+    assert 0 < r.response_mask.sum(-1).min() < r.response_mask.sum(-1).max()
+    rows = torch.tensor([5, 0, 3, 8, 1, 4, 6])
+    results = []
+    for share_prompt in (False, True):
+        model.zero_grad(set_to_none=True)
+        logp, entropy = _logprobs(model, encoded, images, r, rows, share_prompt=share_prompt)
+        (logp * torch.linspace(-1, 1, logp.numel()).view_as(logp)).sum().backward()
+        results.append((logp.detach(), entropy, {k: q.grad.clone() for k, q in model.named_parameters()}))
+    (logp_a, ent_a, grad_a), (logp_b, ent_b, grad_b) = results
+    assert torch.allclose(logp_a, logp_b, atol=1e-5) and torch.allclose(ent_a, ent_b, atol=1e-5)
+    for name in grad_a:
+        assert torch.allclose(grad_a[name], grad_b[name], rtol=1e-4, atol=1e-6), name
+    assert any(grad_b[k].abs().max() > 0 for k in grad_b if "visual" in k)  # the images' gradient path is intact
     model.zero_grad(set_to_none=True)
 
 
