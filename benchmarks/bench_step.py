@@ -59,7 +59,7 @@ def run_ours(args, run_dir: str) -> dict:
         f"run_dir={run_dir}", "seed=0",
         f"rollout.n={args.n}", f"rollout.max_new_tokens={args.max_new_tokens}", "rollout.temperature=1.0",
         f"grpo.prompts_per_step={args.prompts}", f"grpo.micro_batch_size={args.prompts * args.n}", "grpo.epochs=1",
-        "grpo.kl_coef=0.0", f"optim.lr={args.lr}",
+        "grpo.kl_coef=0.0", f"optim.lr={args.lr}", f"grpo.share_prompt={str(args.share_prompt).lower()}",
         f"train.steps={args.steps}", "train.sample_every=0", "train.save_every=0", "train.export=false",
         f"data.n_train={max(64, args.prompts * args.steps)}",
     ]
@@ -171,6 +171,7 @@ def main(argv=None):
     p.add_argument("--clock", choices=["wall", "cpu"], default="wall",
                    help="wall: seconds per step; cpu: process CPU-seconds per step (all threads), steadier on a "
                         "shared machine where other jobs steal cores")
+    p.add_argument("--share-prompt", action="store_true", help="ours with grpo.share_prompt (each prompt run once)")
     p.add_argument("--skip-trl", action="store_true")
     p.add_argument("--trl-python", default=str(DEFAULT_TRL_PYTHON))
     p.add_argument("--trl-timeout", type=int, default=600)
