@@ -43,10 +43,11 @@ responses to one prompt cost one image encoding, not n; the tower runs even with
 the softmax chunk by chunk in backward: a float32 (B, T, V) log-softmax would cost 0.6 MB per token at 152k vocab.
 
 `share_prompt=True` (`grpo.share_prompt`) runs each distinct prompt once, not once per response: a first forward
-over the prompts without their last token fills a KV cache (with gradients), the cache rows are repeated for each
-response (`index_select`, whose backward sums the n rows' gradients into their prompt), and a second forward runs
-[last prompt token, response[:-1]] against it. Same positions, same mask, the same log-probs and gradients up to
-float rounding; it computes P + n·T positions per group instead of n·(P + T). Under FSDP2 each unit then runs twice
+over the prompts without their last token records their keys and values (with gradients, `PromptCache`), each
+response's row takes its prompt's (`index_select`, whose backward sums the n rows' gradients into their prompt),
+and a second forward runs [last prompt token, response[:-1]] against them, under explicit 4-D masks. Same
+positions, same visible keys, the same log-probs and gradients up to float rounding, with or without activation
+checkpointing; it computes P + n·T positions per group instead of n·(P + T). Under FSDP2 each unit then runs twice
 before one backward, which frees its parameters after either call's backward: train.py keeps them gathered
 through the update (`distributed.unsharded`).
 
@@ -56,11 +57,12 @@ ratios (GSPO).
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
-from transformers import DynamicCache
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-from harmo_min.model import encoded_images, mrope_positions, placeholder_ids
+from harmo_min.model import encoded_images, mrope_positions, placeholder_ids, takes_boolean_mask
 
 AGGREGATIONS = ("token_mean", "seq_mean", "constant")
 KL_ESTIMATORS = ("k1", "k2", "k3")
@@ -194,19 +196,65 @@ def token_logprobs(model, inputs: dict, *, temperature: float = 1.0, chunk: int 
         else:
             heads, P = inputs["prompt_rows"].to(ids.device), L - T           # (N',); features are in head order
             encoded = {"image": BaseModelOutputWithPooling(pooler_output=tuple(features))} if features else None
-            cache = DynamicCache(config=model.config)
-            model(input_ids=ids[heads, :P - 1], attention_mask=attention[heads, :P - 1], cache=cache, use_cache=True,
-                  position_ids=position_ids[:, heads, :P - 1], mm_encoder_outputs=encoded, logits_to_keep=1)
+            prompts, (prompt_mask, response_mask) = PromptCache(), _shared_masks(model, attention, P - 1, heads)
+            with _cache_under_checkpointing(model):
+                model(input_ids=ids[heads, :P - 1], attention_mask=prompt_mask, cache=prompts, use_cache=False,
+                      position_ids=position_ids[:, heads, :P - 1], mm_encoder_outputs=encoded, logits_to_keep=1)
     if share_prompt:
-        rows, repeat = inputs["row_prompt"].to(ids.device), DynamicCache(config=model.config)
-        for i, layer in enumerate(cache.layers):                             # (N', H_kv, P − 1, D) -> (b, ...)
-            repeat.update(layer.keys.index_select(0, rows), layer.values.index_select(0, rows), i)
-        logits = model(input_ids=ids[:, P - 1:L - 1], attention_mask=attention[:, :L - 1], cache=repeat,
-                       use_cache=True, position_ids=position_ids[:, :, P - 1:L - 1]).logits           # (b, T, V)
+        cache = PromptCache(prompts, inputs["row_prompt"].to(ids.device))
+        with _cache_under_checkpointing(model):
+            logits = model(input_ids=ids[:, P - 1:L - 1], attention_mask=response_mask, cache=cache, use_cache=False,
+                           position_ids=position_ids[:, :, P - 1:L - 1]).logits                    # (b, T, V)
     mask = inputs["response_mask"].float()                                    # (b, T)
     logp, entropy = TokenLogProb.apply(logits.flatten(0, 1), inputs["response_ids"].flatten(), temperature,
                                        chunk, placeholder_ids(model))        # logits of these T only
     return logp.view_as(mask) * mask, entropy.view_as(mask) * mask
+
+
+class PromptCache:
+    """The KV "caches" of the shared-prompt forward. `PromptCache()`, in the prompts' forward, records each layer's
+    keys and values (N', H_kv, P − 1, D); `PromptCache(prompts, row_prompt)`, in the responses' forward, puts each
+    row's prompt rows (`row_prompt`, (b,)) before the row's own. Neither appends, so a layer that activation
+    checkpointing replays in backward records, or reads, the same tensors again."""
+
+    def __init__(self, prompts: PromptCache | None = None, row_prompt: torch.Tensor | None = None):
+        self.prompts, self.row_prompt, self.keys, self.values = prompts, row_prompt, {}, {}
+
+    def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args, **kwargs):
+        if self.prompts is None:
+            self.keys[layer_idx], self.values[layer_idx] = key, value
+            return key, value
+        keys, values = self.prompts.keys[layer_idx], self.prompts.values[layer_idx]
+        return (torch.cat([keys.index_select(0, self.row_prompt), key], 2),                        # (b, H_kv, L−1, D)
+                torch.cat([values.index_select(0, self.row_prompt), value], 2))
+
+
+def _shared_masks(model, attention: torch.Tensor, prompt: int, heads: torch.Tensor) -> tuple[dict, dict]:
+    """4-D masks of the two shared-prompt forwards, from the (b, L) attention mask: the prompts' (N', 1, P−1, P−1)
+    and the responses' queries over prompt + response keys (b, 1, T, L−1). Causal and padding-closed; a padding
+    query sees itself, so no row is all closed (an all-closed sdpa row is NaN, and NaN · 0 poisons the gradients)."""
+    keys = attention[:, :-1].bool()                                            # (b, L−1)
+    causal = torch.ones(keys.shape[1], keys.shape[1], dtype=torch.bool, device=keys.device).tril()  # (L−1, L−1)
+    full = ((causal & keys[:, None, :]) | torch.eye(keys.shape[1], dtype=torch.bool, device=keys.device))[:, None]
+    masks = full[heads, :, :prompt, :prompt], full[:, :, prompt:, :]           # (N', 1, P−1, P−1), (b, 1, T, L−1)
+    if not takes_boolean_mask(model):  # eager attention adds the mask: 0 open, float32's minimum closed
+        masks = tuple(torch.zeros(m.shape, device=m.device).masked_fill(~m, torch.finfo(torch.float32).min)
+                      for m in masks)
+    return tuple({"full_attention": m} for m in masks)
+
+
+@contextlib.contextmanager
+def _cache_under_checkpointing(model):
+    """transformers drops the cache of a layer that activation checkpointing replays (a replayed append would append
+    twice); PromptCache never appends, so its layers may keep it."""
+    layers = model.get_decoder().layers if hasattr(model, "get_decoder") else []
+    for layer in layers:
+        layer._can_checkpoint_with_cache = True
+    try:
+        yield
+    finally:
+        for layer in layers:
+            del layer._can_checkpoint_with_cache  # back to the class's False
 
 
 class TokenLogProb(torch.autograd.Function):

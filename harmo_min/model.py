@@ -190,6 +190,19 @@ def encoded_images(model, pixel_values: torch.Tensor | None, image_grid_thw: tor
         hook.remove()
 
 
+def takes_boolean_mask(model) -> bool:
+    """Whether the model's attention takes a boolean 4-D mask (sdpa) or an additive one (eager), as the sampler and
+    grpo's shared-prompt forward pass them; raise for any other attention."""
+    attention = model.config._attn_implementation
+    if attention not in ("sdpa", "eager"):
+        raise ValueError(f"attention implementation {attention!r} takes no 4-D mask (the sampler and "
+                         "grpo.share_prompt pass one); load the policy with attn_implementation='sdpa' (or 'eager')")
+    layer_types = set(model.config.get_text_config(decoder=True).layer_types)
+    if layer_types != {"full_attention"}:
+        raise ValueError(f"only full-attention decoder layers are supported, got {sorted(layer_types)}")
+    return attention == "sdpa"
+
+
 def _resolve(name_or_path: str | os.PathLike) -> str:
     path, name = Path(name_or_path).expanduser(), str(name_or_path)
     if path.is_dir():

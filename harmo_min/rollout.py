@@ -56,7 +56,7 @@ from dataclasses import dataclass
 import torch
 from transformers import DynamicCache
 
-from harmo_min.model import eos_token_ids, mrope_positions, placeholder_ids
+from harmo_min.model import eos_token_ids, mrope_positions, placeholder_ids, takes_boolean_mask
 
 
 @dataclass
@@ -92,7 +92,7 @@ def sample(
     if pad_id is None:
         pad_id = model.generation_config.pad_token_id
         pad_id = eos_ids[0] if pad_id is None else pad_id
-    boolean_mask = _takes_boolean_mask(model)
+    boolean_mask = takes_boolean_mask(model)
     device = prompts["input_ids"].device
     eos = torch.tensor(eos_ids, device=device)
     suppress = torch.tensor(placeholder_ids(model), dtype=torch.long, device=device)
@@ -229,18 +229,6 @@ def sample_next(
     noise = torch.empty_like(filtered).exponential_(1.0, generator=generator)  # (B, V)
     token = (filtered.softmax(-1) / noise).argmax(-1)                          # (B,)
     return token, logp.gather(-1, token[:, None]).squeeze(-1)
-
-
-def _takes_boolean_mask(model) -> bool:
-    """Whether the model's attention takes a boolean 4-D mask (sdpa) or an additive one (eager); raise otherwise."""
-    attention = model.config._attn_implementation
-    if attention not in ("sdpa", "eager"):
-        raise ValueError(f"sample: attention implementation {attention!r} takes no 4-D mask; load the policy with "
-                         "attn_implementation='sdpa' (or 'eager')")
-    layer_types = set(model.config.get_text_config(decoder=True).layer_types)
-    if layer_types != {"full_attention"}:
-        raise ValueError(f"sample: only full-attention decoder layers are supported, got {sorted(layer_types)}")
-    return attention == "sdpa"
 
 
 def _compiled_decode(cache: StaticKVCache):

@@ -203,10 +203,12 @@ def test_text_only_micro_batch_still_runs_the_vision_tower_with_a_zero_gradient_
     model.zero_grad(set_to_none=True)
 
 
-def test_shared_prompt_forward_gives_the_same_logprobs_entropies_and_gradients(tiny):
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_shared_prompt_forward_gives_the_same_logprobs_entropies_and_gradients(tiny, checkpointing):
     """share_prompt runs each prompt once and its responses against the repeated cache: the same function of the
     weights. Rows of three prompts (images of two sizes, a text-only one) in a shuffled order, one response cut
-    short by EOS, so prompts of different lengths share the left pad and responses the right pad."""
+    short by EOS, so prompts of different lengths share the left pad and responses the right pad. With activation
+    checkpointing (the GPU configs' setting) too, where transformers drops an ordinary cache."""
     examples = synthetic_examples(2, seed=4, kinds=("count",))
     examples[1].images = [examples[1].images[0].resize((56, 84))]
     examples.insert(1, Example(id="text", problem="What is the sum of 2 and 3?", answer="5"))
@@ -216,6 +218,9 @@ def test_shared_prompt_forward_gives_the_same_logprobs_entropies_and_gradients(t
     assert 0 < r.response_mask.sum(-1).min() < r.response_mask.sum(-1).max()
     rows = torch.tensor([5, 0, 3, 8, 1, 4, 6])
     results = []
+    if checkpointing:
+        model.train()
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     for share_prompt in (False, True):
         model.zero_grad(set_to_none=True)
         logp, entropy = _logprobs(model, encoded, images, r, rows, share_prompt=share_prompt)
@@ -227,6 +232,9 @@ def test_shared_prompt_forward_gives_the_same_logprobs_entropies_and_gradients(t
         assert torch.allclose(grad_a[name], grad_b[name], rtol=1e-4, atol=1e-6), name
     assert any(grad_b[k].abs().max() > 0 for k in grad_b if "visual" in k)  # the images' gradient path is intact
     model.zero_grad(set_to_none=True)
+    if checkpointing:
+        model.activation_checkpointing_disable()
+        model.eval()
 
 
 def test_micro_batches_keep_a_prompts_rows_together_longest_first():
