@@ -25,6 +25,8 @@ What it does, all on one GPU, and what it reports:
    as measured), and the MFU of the update phase: 6 · (decoder-layer parameters · all tokens + lm_head parameters
    · response tokens) / (update seconds · --peak-tflops); attention FLOPs and the vision tower are left out, and
    the recomputation of activation checkpointing is not counted (MFU, not hardware FLOP utilisation).
+   `--share-prompt` trains with `grpo.share_prompt` (each prompt run once per micro-batch, the full parameters held
+   through the update): run it as a second call and compare `time/update` and the peak memory.
 3. **Sampler**: `benchmarks/bench_rollout.measure_decode` on the same model: harmo_min's sampler against HF
    `generate` at --decode-prompts x --decode-n = 64 rows x 512 new tokens, tokens/s of both and the fraction of the
    HBM bound (--peak-gbps). If that function is not in this checkout yet, the JSON says so instead.
@@ -105,7 +107,8 @@ def run_train(out: Path, folder: Path, args, device: torch.device) -> dict:
                  f"rollout.n={args.n}", f"rollout.max_new_tokens={args.max_new_tokens}",
                  f"grpo.prompts_per_step={args.prompts}", f"grpo.micro_batch_size={args.micro_batch}",
                  "grpo.drop_zero_variance_groups=false", f"train.steps={args.steps}", "train.save_every=0",
-                 "train.sample_every=0", "train.export=false", "optim.warmup_steps=0"]
+                 "train.sample_every=0", "train.export=false", "optim.warmup_steps=0",
+                 f"grpo.share_prompt={str(args.share_prompt).lower()}"]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
            "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     if device.type == "cpu":
@@ -188,6 +191,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak (H100/H200 SXM: 989)")
     p.add_argument("--peak-gbps", type=float, default=4800.0, help="HBM bandwidth, GB/s (H200: 4800, H100: 3350)")
     p.add_argument("--timeout", type=int, default=420, help="seconds for the train.py run")
+    p.add_argument("--share-prompt", action="store_true",
+                   help="train with grpo.share_prompt (a second run: compare time/update and peak memory)")
     args = p.parse_args(argv)
     for key, (full, tiny) in sizes.items():
         if getattr(args, key) is None:

@@ -15,7 +15,8 @@ import bench_rollout  # noqa: E402
 
 def test_gpu_check_smoke_mode_reports_one_json_line(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "TOKENIZERS_PARALLELISM": "false"}
-    command = [sys.executable, "benchmarks/gpu_check.py", "--device", "cpu", "--tiny", "--out", str(tmp_path)]
+    command = [sys.executable, "benchmarks/gpu_check.py", "--device", "cpu", "--tiny", "--out", str(tmp_path),
+               "--share-prompt"]  # the shared-prompt update through train.py; the plain one is tested elsewhere
     proc = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     report = json.loads(proc.stdout.strip().splitlines()[-1])  # the last line is the whole report
