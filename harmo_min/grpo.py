@@ -58,6 +58,7 @@ ratios (GSPO).
 from __future__ import annotations
 
 import contextlib
+import itertools
 
 import torch
 from transformers.modeling_outputs import BaseModelOutputWithPooling
@@ -158,10 +159,11 @@ def training_inputs(prompts: dict, images_per_prompt: list[int], rollout, rows: 
         "response_ids": response_ids, "response_mask": response_mask,
         "pixel_values": None, "image_grid_thw": None, "row_images": [], "row_grid": None,
     }
-    image_start = [0] + torch.tensor(images_per_prompt).cumsum(0).tolist()
-    distinct = sorted(set(p.tolist()))
-    out["prompt_rows"] = torch.tensor([p.tolist().index(q) for q in distinct])  # (N',) one row per distinct prompt
-    out["row_prompt"] = torch.tensor([distinct.index(q) for q in p.tolist()])  # (b,) its index in prompt_rows
+    image_start = list(itertools.accumulate(images_per_prompt, initial=0))
+    row_prompts = p.tolist()
+    distinct = sorted(set(row_prompts))
+    out["prompt_rows"] = torch.tensor([row_prompts.index(q) for q in distinct])  # (N',) one row per distinct prompt
+    out["row_prompt"] = torch.tensor([distinct.index(q) for q in row_prompts])  # (b,) its index in prompt_rows
     images = [j for q in distinct for j in range(image_start[q], image_start[q + 1])]
     if images:
         grid = prompts["image_grid_thw"]                                       # (images, 3)
@@ -169,7 +171,7 @@ def training_inputs(prompts: dict, images_per_prompt: list[int], rollout, rows: 
         out["pixel_values"] = torch.cat([prompts["pixel_values"][patch_start[j]:patch_start[j + 1]] for j in images])
         out["image_grid_thw"] = grid[images]
         slot = {j: k for k, j in enumerate(images)}
-        out["row_images"] = [slot[j] for q in p.tolist() for j in range(image_start[q], image_start[q + 1])]
+        out["row_images"] = [slot[j] for q in row_prompts for j in range(image_start[q], image_start[q + 1])]
         out["row_grid"] = out["image_grid_thw"][out["row_images"]]             # one grid per image slot of a row
     return out
 
@@ -184,31 +186,40 @@ def token_logprobs(model, inputs: dict, *, temperature: float = 1.0, chunk: int 
     attention and of every result.
     """
     position_ids, _ = mrope_positions(model, {**inputs, "image_grid_thw": inputs["row_grid"]})  # (3, b, P' + T)
-    L, T = inputs["input_ids"].shape[1], inputs["response_ids"].shape[1]
-    keep = torch.arange(L - T - 1, L - 1, device=inputs["input_ids"].device)  # position P−1+t predicts token t
-    ids, attention = inputs["input_ids"], inputs["attention_mask"]           # (b, L), L = P' + T
-    with encoded_images(model, inputs["pixel_values"], inputs["image_grid_thw"]) as features:  # once per micro-batch
-        if not share_prompt:
-            row_features = tuple(features[k] for k in inputs["row_images"])  # each row: its prompt's images
-            encoded = {"image": BaseModelOutputWithPooling(pooler_output=row_features)} if features else None
-            logits = model(input_ids=ids, attention_mask=attention, position_ids=position_ids,
-                           mm_encoder_outputs=encoded, use_cache=False, logits_to_keep=keep).logits  # (b, T, V)
-        else:
-            heads, P = inputs["prompt_rows"].to(ids.device), L - T           # (N',); features are in head order
-            encoded = {"image": BaseModelOutputWithPooling(pooler_output=tuple(features))} if features else None
-            prompts, (prompt_mask, response_mask) = PromptCache(), _shared_masks(model, attention, P - 1, heads)
-            with _cache_under_checkpointing(model):
-                model(input_ids=ids[heads, :P - 1], attention_mask=prompt_mask, cache=prompts, use_cache=False,
-                      position_ids=position_ids[:, heads, :P - 1], mm_encoder_outputs=encoded, logits_to_keep=1)
-    if share_prompt:
-        cache = PromptCache(prompts, inputs["row_prompt"].to(ids.device))
-        with _cache_under_checkpointing(model):
-            logits = model(input_ids=ids[:, P - 1:L - 1], attention_mask=response_mask, cache=cache, use_cache=False,
-                           position_ids=position_ids[:, :, P - 1:L - 1]).logits                    # (b, T, V)
+    logits = (_shared_prompt_logits if share_prompt else _logits)(model, inputs, position_ids)      # (b, T, V)
     mask = inputs["response_mask"].float()                                    # (b, T)
     logp, entropy = TokenLogProb.apply(logits.flatten(0, 1), inputs["response_ids"].flatten(), temperature,
-                                       chunk, placeholder_ids(model))        # logits of these T only
+                                       chunk, placeholder_ids(model))
     return logp.view_as(mask) * mask, entropy.view_as(mask) * mask
+
+
+def _logits(model, inputs: dict, position_ids: torch.Tensor) -> torch.Tensor:
+    """The response tokens' logits (b, T, V) from one forward of prompt + response, each row with its prompt's
+    image features."""
+    L, T = inputs["input_ids"].shape[1], inputs["response_ids"].shape[1]
+    keep = torch.arange(L - T - 1, L - 1, device=inputs["input_ids"].device)  # position P−1+t predicts token t
+    with encoded_images(model, inputs["pixel_values"], inputs["image_grid_thw"]) as features:  # once per micro-batch
+        row_features = tuple(features[k] for k in inputs["row_images"])  # each row: its prompt's images
+        encoded = {"image": BaseModelOutputWithPooling(pooler_output=row_features)} if features else None
+        return model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], position_ids=position_ids,
+                     mm_encoder_outputs=encoded, use_cache=False, logits_to_keep=keep).logits
+
+
+def _shared_prompt_logits(model, inputs: dict, position_ids: torch.Tensor) -> torch.Tensor:
+    """The same logits (b, T, V), each distinct prompt run once (`share_prompt`, see the module docstring)."""
+    ids, attention = inputs["input_ids"], inputs["attention_mask"]           # (b, L), L = P + T
+    P = ids.shape[1] - inputs["response_ids"].shape[1]
+    heads = inputs["prompt_rows"].to(ids.device)                               # (N',)
+    prompt_mask, response_mask = _shared_masks(model, attention, P - 1, heads)
+    prompts = PromptCache()
+    with _cache_under_checkpointing(model):
+        with encoded_images(model, inputs["pixel_values"], inputs["image_grid_thw"]) as features:  # in head order
+            encoded = {"image": BaseModelOutputWithPooling(pooler_output=tuple(features))} if features else None
+            model(input_ids=ids[heads, :P - 1], attention_mask=prompt_mask, cache=prompts, use_cache=False,
+                  position_ids=position_ids[:, heads, :P - 1], mm_encoder_outputs=encoded, logits_to_keep=1)
+        responses = PromptCache(prompts, inputs["row_prompt"].to(ids.device))
+        return model(input_ids=ids[:, P - 1:-1], attention_mask=response_mask, cache=responses, use_cache=False,
+                     position_ids=position_ids[:, :, P - 1:-1]).logits
 
 
 class PromptCache:
@@ -247,7 +258,7 @@ def _shared_masks(model, attention: torch.Tensor, prompt: int, heads: torch.Tens
 def _cache_under_checkpointing(model):
     """transformers drops the cache of a layer that activation checkpointing replays (a replayed append would append
     twice); PromptCache never appends, so its layers may keep it."""
-    layers = model.get_decoder().layers if hasattr(model, "get_decoder") else []
+    layers = model.get_decoder().layers
     for layer in layers:
         layer._can_checkpoint_with_cache = True
     try:
