@@ -312,11 +312,13 @@ def route_accuracy(task: str, verdict: Verdict | None, score: float | None, cfg:
 
 def _finite(score: float | None) -> float | None:
     """The score as a finite float, or None when it is missing: None, NaN, ±inf or an int beyond float range."""
+    if score is None:
+        return None
     try:
-        x = None if score is None else float(score)
+        x = float(score)
     except OverflowError:  # 10**400: no float holds it; like inf, it is no usable score
         return None
-    return x if x is not None and math.isfinite(x) else None
+    return x if math.isfinite(x) else None
 
 
 def _sigmoid(x: float) -> float:
