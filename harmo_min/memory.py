@@ -210,14 +210,15 @@ def plan(cfg: dict, *, world_size: int, gpu_gb: float = 80.0, prompt_tokens: int
         title[3:3] = [f"reward model: {rm.name}", f"        {_count(rm.backbone)} parameters, one copy per GPU"]
         rows.append(("reward model (full copy)", c * rm.backbone, "always"))
     planned, alternative = (activation_bytes(arch, c, **act, checkpointing=x) for x in (ckpt, not ckpt))
+    # grpo.share_prompt holds every unit gathered through the update (distributed.unsharded), FSDP2 alone two units
+    gathered, held = (("all weights gathered", arch.params) if g["share_prompt"]
+                      else ("FSDP units gathered", arch.root + 2 * unit))
     rows += [("rollout weights (gathered, full)", c * arch.params, "rollout"),
              (f"KV cache ({prompts * n} rows x {seq} positions)",
               kv_cache_bytes(arch, c, rows=prompts * n, positions=seq), "rollout"),
              ("sampler logits (fp32)", 5 * prompts * n * vocab * 4, "rollout"),
              (f"gradients (fp32, 1/{W})", 4 * arch.params // W, "update"),
-             ("weights gathered (grpo.share_prompt) + unit gradients" if g["share_prompt"] else
-              "FSDP units gathered + unit gradients",
-              c * (arch.params if g["share_prompt"] else arch.root + 2 * unit) + (c + 4) * unit, "update"),
+             (f"{gathered} + unit gradients", c * held + (c + 4) * unit, "update"),
              (f"logits ({act['rows']} x {resp} x {vocab})", logits_bytes(arch, c, rows=act["rows"], resp=resp),
               "update"),
              (f"activations, checkpointing {'on' if ckpt else 'off'} ({'off' if ckpt else 'on'}: "
