@@ -1,7 +1,13 @@
+import os
+
 import pytest
 import torch
 
 from harmo_min.model import build_tiny
+
+# Every script a test launches (torchrun ranks, benchmarks) inherits this: a rank that dies of a signal (SIGABRT,
+# SIGSEGV) then prints where each of its Python threads was, instead of only torchrun's "Signal 6 received".
+os.environ.setdefault("PYTHONFAULTHANDLER", "1")
 
 
 def sharpen(model, factor: float = 5.0):
