@@ -190,6 +190,35 @@ def test_top_k_one_is_greedy(tiny):
     assert torch.equal(greedy, topk)
 
 
+@pytest.mark.parametrize("top_k, top_p, kept", [(0, 1.0, [0, 1, 2, 3, 4]), (3, 1.0, [0, 1, 3]), (0, 0.8, [0, 1])])
+def test_sample_next_draws_from_the_tempered_softmax_and_its_truncations(top_k, top_p, kept):
+    """Frequencies over 40,000 seeded draws against the law by hand: softmax(logits / T) over the tokens top-k /
+    top-p keep, renormalised; the suppressed id (5) never drawn. Worked case at T = 0.5: p = softmax([4, 2.6, 0.4,
+    1.4, -2]) = (0.740, 0.183, 0.020, 0.055, 0.002); top-k 3 keeps ids 0, 1, 3; top-p 0.8 keeps 0 and 1 (the mass
+    before 1 is 0.740 < 0.8) and drops 3, 2, 4 (0.923 >= 0.8 before 3)."""
+    logits = torch.tensor([2.0, 1.3, 0.2, 0.7, -1.0, 3.0]).expand(40_000, -1)         # (B, V); id 5 is a placeholder
+    token, logp = rollout.sample_next(logits, temperature=0.5, top_p=top_p, top_k=top_k,
+                                      generator=torch.Generator().manual_seed(0), suppress=torch.tensor([5]))
+    law = torch.zeros(6)
+    law[kept] = torch.softmax(logits[0, kept] / 0.5, -1)
+    freq = torch.bincount(token, minlength=6) / token.numel()
+    assert torch.all((freq - law).abs() <= 4 * (law * (1 - law) / token.numel()).sqrt() + 1e-4), (freq, law)
+    # The returned log-prob is the untruncated tempered policy's (what the training forward recomputes).
+    full = torch.log_softmax(logits[0, :5] / 0.5, -1)
+    assert torch.allclose(logp, full[token])
+
+
+def test_sample_next_never_draws_a_dropped_token_when_a_uniform_draw_is_zero(monkeypatch):
+    """torch.rand may return exactly 0 (2^-24 per float): E = -log 0 would be inf, p / E 0 for every token of a
+    one-token nucleus, and argmax would fall on id 0, which top-k dropped. The draw is clamped off 0 instead."""
+    logits = torch.tensor([[0.0, 5.0, 1.0]])                                            # (1, V)
+    monkeypatch.setattr(torch, "rand", lambda *shape, **kw: torch.zeros(*shape, **{k: v for k, v in kw.items()
+                                                                                    if k == "device"}))
+    token, _ = rollout.sample_next(logits, temperature=1.0, top_p=1.0, top_k=1, generator=None,
+                                   suppress=torch.tensor([], dtype=torch.long))
+    assert token.tolist() == [1]
+
+
 def test_bad_arguments_raise(tiny):
     model, processor = tiny
     batch = _prompts(processor, synthetic_examples(1, seed=0))
