@@ -45,7 +45,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
                                                      set_model_state_dict, set_state_dict)
-from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from transformers import Qwen2_5_VLForConditionalGeneration
 
@@ -97,8 +97,21 @@ def init_distributed(device: str = "auto") -> World:
 
 
 def cleanup() -> None:
+    """Destroy the process groups and end their threads now, not during interpreter exit."""
     if dist.is_initialized():
+        # destroy_process_group drops torch's own references to the groups, but a DeviceMesh holds its group, and
+        # the mesh outlives the model (DTensor sharding specs that torch keeps refer to it): the group's gloo or
+        # NCCL threads would run on until the interpreter tears its modules down at exit, the likely setting of a
+        # rank's abort CI once saw there ("terminate called without an active exception"). Emptying the meshes'
+        # references lets the groups go with the model.
+        for mesh in _MESHES.values():
+            mesh._pg_registry.clear()
+        _MESHES.clear()
         dist.destroy_process_group()
+
+
+# The one DeviceMesh per (device type, world size) that apply_fsdp shards over; cleanup() releases its group.
+_MESHES: dict[tuple[str, int], DeviceMesh] = {}
 
 
 def apply_fsdp(model, world: World, *, compute_dtype: torch.dtype | None = None):
@@ -106,7 +119,10 @@ def apply_fsdp(model, world: World, *, compute_dtype: torch.dtype | None = None)
     cast = compute_dtype is not None and compute_dtype != next(model.parameters()).dtype
     if world.size == 1 and not cast:
         return model  # nothing to shard or cast: plain modules are faster
-    mesh = init_device_mesh(world.device.type, (world.size,))
+    key = (world.device.type, world.size)
+    if key not in _MESHES:
+        _MESHES[key] = init_device_mesh(world.device.type, (world.size,))
+    mesh = _MESHES[key]
     mp = MixedPrecisionPolicy(param_dtype=compute_dtype if cast else None, reduce_dtype=torch.float32)
     kw = dict(mesh=mesh, mp_policy=mp, reshard_after_forward=True)  # gathered_params lifts it for a rollout
     for unit in [model.model.visual, *model.model.language_model.layers, model]:  # the root last

@@ -53,6 +53,19 @@ def test_every_collective_of_the_loop_gets_a_tensor_on_the_training_device(tmp_p
     assert len(_metrics(tmp_path)) == 2 and (tmp_path / "final" / "model.safetensors").is_file()
 
 
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="lists native threads through Linux /proc")
+def test_cleanup_ends_the_process_group_threads_before_the_interpreter_exits(tmp_path):
+    """FSDP2's cached sharding specs keep the DeviceMesh alive and the mesh its process group: unless cleanup()
+    releases it, the gloo threads (NCCL's on a GPU) are still running when train.py returns and are torn down
+    during interpreter exit, where CI once saw rank 1 abort ("terminate called without an active exception")."""
+    proc = _run([WORKER, "threads", "--config", FAST, f"run_dir={tmp_path}", "train.steps=1", "grpo.kl_coef=0.01"],
+                nproc=2)
+    reports = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith('{"rank"')]
+    assert sorted(r["rank"] for r in reports) == [0, 1]
+    for report in reports:
+        assert not [name for name in report["threads"] if "gloo" in name], report
+
+
 @pytest.mark.parametrize("share_prompt", [False, True])
 def test_two_rank_update_equals_one_rank_update_on_the_same_global_batch(tmp_path, share_prompt):
     """Same greedy rollouts and advantages over the global batch: the normaliser counted over ranks and FSDP's

@@ -12,8 +12,12 @@ MODE
   fixed        Greedy rollouts (the same rows whatever the rank split) and fixed advantages linspace(-1, 1) over the
                global batch, so 1 rank and 2 ranks see exactly the same update.
   fixed-nan    As fixed, with a NaN advantage on rank 1 only.
+  threads      train.main as is, then, once its objects are collected, one JSON line: the names of this process's
+               native threads (Linux /proc), to show which of them outlive train.py's cleanup().
 """
 
+import gc
+import json
 import os
 import sys
 from pathlib import Path
@@ -97,6 +101,10 @@ def main(mode: str, args: list[str]) -> None:
     if mode in ("fixed", "fixed-nan"):
         fixed_rollouts(nan=mode == "fixed-nan")
     train.main(args)
+    if mode == "threads":
+        gc.collect()  # what the interpreter's exit collects before it tears its modules down
+        names = [(task / "comm").read_text().strip() for task in sorted(Path("/proc/self/task").iterdir())]
+        print(json.dumps({"rank": int(os.environ.get("RANK", 0)), "threads": names}), flush=True)
 
 
 if __name__ == "__main__":
