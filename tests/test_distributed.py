@@ -55,9 +55,10 @@ def test_every_collective_of_the_loop_gets_a_tensor_on_the_training_device(tmp_p
 
 @pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="lists native threads through Linux /proc")
 def test_cleanup_ends_the_process_group_threads_before_the_interpreter_exits(tmp_path):
-    """FSDP2's cached sharding specs keep the DeviceMesh alive and the mesh its process group: unless cleanup()
-    releases it, the gloo threads (NCCL's on a GPU) are still running when train.py returns and are torn down
-    during interpreter exit, where CI once saw rank 1 abort ("terminate called without an active exception")."""
+    """DTensor sharding specs that torch keeps hold the DeviceMesh, and the mesh its process group: unless cleanup()
+    releases it, the gloo threads (NCCL's on a GPU) still run after train.py returns and its objects are collected,
+    and go only while the interpreter tears its modules down, the likely setting of the abort CI once saw on rank 1
+    ("terminate called without an active exception")."""
     proc = _run([WORKER, "threads", "--config", FAST, f"run_dir={tmp_path}", "train.steps=1", "grpo.kl_coef=0.01"],
                 nproc=2)
     reports = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith('{"rank"')]
