@@ -96,6 +96,10 @@ def init_distributed(device: str = "auto") -> World:
     return World(rank, size, local_rank, torch.device("cuda", local_rank) if use_cuda else torch.device("cpu"))
 
 
+# The one DeviceMesh per (device type, world size) that apply_fsdp shards over; cleanup() releases its group.
+_MESHES: dict[tuple[str, int], DeviceMesh] = {}
+
+
 def cleanup() -> None:
     """Destroy the process groups and end their threads now, not during interpreter exit."""
     if dist.is_initialized():
@@ -108,10 +112,6 @@ def cleanup() -> None:
             mesh._pg_registry.clear()
         _MESHES.clear()
         dist.destroy_process_group()
-
-
-# The one DeviceMesh per (device type, world size) that apply_fsdp shards over; cleanup() releases its group.
-_MESHES: dict[tuple[str, int], DeviceMesh] = {}
 
 
 def apply_fsdp(model, world: World, *, compute_dtype: torch.dtype | None = None):

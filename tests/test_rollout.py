@@ -212,8 +212,7 @@ def test_sample_next_never_draws_a_dropped_token_when_a_uniform_draw_is_zero(mon
     """torch.rand may return exactly 0 (2^-24 per float): E = -log 0 would be inf, p / E 0 for every token of a
     one-token nucleus, and argmax would fall on id 0, which top-k dropped. The draw is clamped off 0 instead."""
     logits = torch.tensor([[0.0, 5.0, 1.0]])                                            # (1, V)
-    monkeypatch.setattr(torch, "rand", lambda *shape, **kw: torch.zeros(*shape, **{k: v for k, v in kw.items()
-                                                                                    if k == "device"}))
+    monkeypatch.setattr(torch, "rand", lambda size, generator=None, device=None: torch.zeros(size, device=device))
     token, _ = rollout.sample_next(logits, temperature=1.0, top_p=1.0, top_k=1, generator=None,
                                    suppress=torch.tensor([], dtype=torch.long))
     assert token.tolist() == [1]
